@@ -1,0 +1,443 @@
+//! The configuration file's schema, exactly as written by users.
+//!
+//! Every struct denies unknown keys, so a typo is an error with its location,
+//! never a silently ignored setting. Defaults live here, next to the keys, and
+//! are mirrored in docs/configuration.md.
+
+use super::units::{Dur, Size};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Worker threads; default: the number of CPUs. `--workers` overrides it.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+// ---------------------------------------------------------------- listeners
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    /// `host:port` to bind, e.g. `0.0.0.0:8080` or `[::1]:8080`.
+    pub address: String,
+    /// Peers (CIDRs or addresses) whose `X-Forwarded-*`/`Forwarded` headers are trusted.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// How long a client may take to send a request's headers.
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: Dur,
+    /// Maximum size of the request line plus headers.
+    #[serde(default = "defaults::max_header_bytes")]
+    pub max_header_bytes: Size,
+}
+
+// ---------------------------------------------------------------- upstreams
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: String,
+    pub targets: Vec<Target>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// Key for `balance: consistent_hash`: `header:NAME`, `cookie:NAME`,
+    /// `client_ip` or `path`.
+    #[serde(default)]
+    pub hash_on: Option<String>,
+    /// How often hostnames in targets are re-resolved.
+    #[serde(default = "defaults::resolve_interval")]
+    pub resolve_interval: Dur,
+    #[serde(default)]
+    pub pool: Pool,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub retries: Retries,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub outlier_detection: OutlierDetection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// `host:port`; the host may be an IP address or a name resolved by DNS.
+    pub address: String,
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round-robin.
+    #[default]
+    RoundRobin,
+    /// Power of two choices over in-flight requests and peak-EWMA latency.
+    LeastRequest,
+    /// Ring hash on `hash_on`.
+    ConsistentHash,
+    /// Weighted random.
+    Random,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// Idle keep-alive connections kept per target.
+    pub max_idle: usize,
+    /// An idle connection older than this is closed.
+    pub idle_timeout: Dur,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            max_idle: 256,
+            idle_timeout: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Upstream timeouts. `0` disables one.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect to a target. Default 5s.
+    pub connect: Option<Dur>,
+    /// From sending the request until the response headers arrive. Default 30s.
+    pub response_header: Option<Dur>,
+    /// The whole exchange, retries and response body included. Default: none.
+    pub request: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retries {
+    /// Additional attempts after the first.
+    pub attempts: u32,
+    /// When to retry: `connect_failure`, `timeout`, or HTTP status codes.
+    pub on: Vec<RetryOn>,
+    pub backoff: Backoff,
+    pub budget: RetryBudget,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            attempts: 1,
+            on: vec![RetryOn::Condition(RetryCondition::ConnectFailure)],
+            backoff: Backoff::default(),
+            budget: RetryBudget::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RetryOn {
+    Status(u16),
+    Condition(RetryCondition),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryCondition {
+    /// The connection could not be made (the request was never sent).
+    ConnectFailure,
+    /// No response headers within `timeouts.response_header`.
+    Timeout,
+    /// The connection broke after the request was sent.
+    Reset,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    pub base: Dur,
+    pub max: Dur,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Dur(Duration::from_millis(25)),
+            max: Dur(Duration::from_millis(250)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudget {
+    /// Retries may add at most this fraction of requests.
+    pub ratio: f64,
+    /// Retries always allowed on top of the ratio (per budget window).
+    pub min_retries: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            ratio: 0.2,
+            min_retries: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub path: String,
+    #[serde(default = "defaults::hc_interval")]
+    pub interval: Dur,
+    #[serde(default = "defaults::hc_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "defaults::two")]
+    pub healthy_threshold: u32,
+    #[serde(default = "defaults::three")]
+    pub unhealthy_threshold: u32,
+    /// Statuses counted as healthy: a list of codes or `NNN-NNN` ranges. Default `200-399`.
+    #[serde(default = "defaults::hc_statuses")]
+    pub expected_status: Vec<StatusRange>,
+    /// Host header for the probe; default: the target's address.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum StatusRange {
+    Code(u16),
+    Range(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierDetection {
+    /// Consecutive failures (connect errors, timeouts, 5xx) that eject a target; 0 disables.
+    pub consecutive_failures: u32,
+    /// First ejection lasts this long; each further one doubles it, up to `max_ejection`.
+    pub base_ejection: Dur,
+    pub max_ejection: Dur,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection: Dur(Duration::from_secs(10)),
+            max_ejection: Dur(Duration::from_secs(300)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- routes
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    /// Listeners this route is served on; default: all.
+    #[serde(default)]
+    pub listeners: Vec<String>,
+    /// Higher wins over any path specificity; default 0.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(rename = "match", default)]
+    pub matcher: Match,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    /// Exact names or `*.suffix` wildcards; empty = any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Exact path, or a template with `{param}` segments and a final `{*rest}`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Segment-wise prefix: `/api` matches `/api` and `/api/...`, not `/apis`.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+    #[serde(default)]
+    pub query: Vec<ValueMatch>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    pub name: String,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// `true`: must be present; `false`: must be absent.
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// One policy step; exactly one key is set (checked by the compiler).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Request and response header changes.
+    #[serde(default)]
+    pub headers: Option<HeadersPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersPolicy {
+    #[serde(default)]
+    pub request: HeaderOps,
+    #[serde(default)]
+    pub response: HeaderOps,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    /// Replace (or create) these headers.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Append these values, keeping existing ones.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// The route's action; exactly one key is set (checked by the compiler).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    #[serde(default)]
+    pub proxy: Option<ProxyAction>,
+    #[serde(default)]
+    pub respond: Option<RespondAction>,
+    #[serde(default)]
+    pub echo: Option<EchoAction>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyAction {
+    pub upstream: String,
+    #[serde(default)]
+    pub rewrite: Option<Rewrite>,
+    /// Host header sent upstream: `target` (default), `preserve` (the client's), or a literal value.
+    #[serde(default)]
+    pub host_header: Option<String>,
+    /// Per-route override of the upstream's timeouts.
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+    /// Per-route override of the upstream's retries.
+    #[serde(default)]
+    pub retries: Option<Retries>,
+    /// Allow WebSocket (and other) upgrades; default true.
+    #[serde(default = "defaults::yes")]
+    pub upgrades: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Remove this leading path prefix.
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Replace a leading prefix: `{from: /api, to: /internal}`.
+    #[serde(default)]
+    pub replace_prefix: Option<ReplacePrefix>,
+    /// Build the path from captured params, e.g. `/internal/users/{id}`.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacePrefix {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RespondAction {
+    #[serde(default = "defaults::status_ok")]
+    pub status: u16,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A text body.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// A JSON body (sets `content-type: application/json`).
+    #[serde(default)]
+    pub json: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EchoAction {
+    /// Status to answer with; default 200.
+    #[serde(default = "defaults::status_ok")]
+    pub status: u16,
+}
+
+pub(crate) mod defaults {
+    use super::{Dur, Size, StatusRange};
+    use std::time::Duration;
+
+    pub fn header_read_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn max_header_bytes() -> Size {
+        Size(64 * 1024)
+    }
+    pub fn resolve_interval() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn hc_interval() -> Dur {
+        Dur(Duration::from_secs(5))
+    }
+    pub fn hc_timeout() -> Dur {
+        Dur(Duration::from_secs(2))
+    }
+    pub fn two() -> u32 {
+        2
+    }
+    pub fn three() -> u32 {
+        3
+    }
+    pub fn hc_statuses() -> Vec<StatusRange> {
+        vec![StatusRange::Range("200-399".into())]
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn status_ok() -> u16 {
+        200
+    }
+}

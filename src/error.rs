@@ -1,0 +1,235 @@
+//! The one error type of the request path.
+//!
+//! Every failure that ends a request as a gateway-made response is a
+//! [`GatewayError`]. Its [`ErrorKind`] knows the HTTP status, the stable
+//! machine-readable `code` in the JSON body (also the metric label), which
+//! side caused it ([`ErrorSource`]) and whether a retry may help.
+
+use crate::body::Body;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use std::borrow::Cow;
+use std::fmt;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Who caused a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The request was malformed, unauthorised, or matched nothing.
+    Client,
+    /// A target failed to connect, answer or answer in time.
+    Upstream,
+    /// The gateway itself decided (no healthy target, overload, internal fault).
+    Gateway,
+}
+
+impl ErrorSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Client => "client",
+            ErrorSource::Upstream => "upstream",
+            ErrorSource::Gateway => "gateway",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No route matches the request.
+    RouteNotFound,
+    /// The request is malformed.
+    BadRequest,
+    /// The request body is larger than allowed.
+    PayloadTooLarge,
+    /// Connecting to the target failed (refused, unreachable, connect timeout).
+    UpstreamUnreachable,
+    /// The target closed or broke the exchange, or answered with invalid HTTP.
+    UpstreamProtocol,
+    /// The target did not answer in time.
+    UpstreamTimeout,
+    /// Every target of the upstream is unhealthy or ejected, or none resolved.
+    NoHealthyTarget,
+    /// A fault inside the gateway.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable code for the JSON body, logs and metric labels.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::RouteNotFound => "route_not_found",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::UpstreamUnreachable => "upstream_unreachable",
+            ErrorKind::UpstreamProtocol => "upstream_protocol_error",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::NoHealthyTarget => "no_healthy_target",
+            ErrorKind::Internal => "internal_error",
+        }
+    }
+
+    pub fn source(self) -> ErrorSource {
+        match self {
+            ErrorKind::RouteNotFound | ErrorKind::BadRequest | ErrorKind::PayloadTooLarge => {
+                ErrorSource::Client
+            }
+            ErrorKind::UpstreamUnreachable
+            | ErrorKind::UpstreamProtocol
+            | ErrorKind::UpstreamTimeout => ErrorSource::Upstream,
+            ErrorKind::NoHealthyTarget | ErrorKind::Internal => ErrorSource::Gateway,
+        }
+    }
+
+    /// Whether another attempt (on another target) may succeed. Whether it is
+    /// *safe* to retry also depends on the request; see `proxy::retry`.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamTimeout
+        )
+    }
+}
+
+/// A request-path failure that becomes a gateway-made response.
+#[derive(Debug)]
+pub struct GatewayError {
+    kind: ErrorKind,
+    message: Cow<'static, str>,
+    cause: Option<BoxError>,
+    /// Extra response headers (e.g. `Retry-After`, `WWW-Authenticate`).
+    headers: Option<HeaderMap>,
+}
+
+impl GatewayError {
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        GatewayError {
+            kind,
+            message: message.into(),
+            cause: None,
+            headers: None,
+        }
+    }
+
+    pub fn with_cause(mut self, cause: impl Into<BoxError>) -> Self {
+        self.cause = Some(cause.into());
+        self
+    }
+
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.headers
+            .get_or_insert_with(HeaderMap::new)
+            .append(name, value);
+        self
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        self.kind.retryable()
+    }
+
+    /// The standard JSON error response.
+    pub fn to_response(&self, request_id: Option<&HeaderValue>) -> Response<Body> {
+        let status = self.kind.status();
+        let rid = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
+        #[derive(serde::Serialize)]
+        struct Inner<'a> {
+            status: u16,
+            code: &'a str,
+            message: &'a str,
+            request_id: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct Envelope<'a> {
+            error: Inner<'a>,
+        }
+        let body = Envelope {
+            error: Inner {
+                status: status.as_u16(),
+                code: self.kind.code(),
+                message: &self.message,
+                request_id: rid,
+            },
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+        let mut resp = Response::new(Body::full(bytes));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(extra) = &self.headers {
+            for (k, v) in extra {
+                h.append(k, v.clone());
+            }
+        }
+        resp
+    }
+}
+
+impl fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.code(), self.message)?;
+        if let Some(c) = &self.cause {
+            write!(f, " ({c})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for GatewayError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn json_body_shape() {
+        let err = GatewayError::new(ErrorKind::UpstreamUnreachable, "connection refused");
+        let resp = err.to_response(Some(&HeaderValue::from_static("abc")));
+        assert_eq!(resp.status(), 502);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["status"], 502);
+        assert_eq!(v["error"]["code"], "upstream_unreachable");
+        assert_eq!(v["error"]["message"], "connection refused");
+        assert_eq!(v["error"]["request_id"], "abc");
+    }
+
+    #[test]
+    fn taxonomy() {
+        assert_eq!(ErrorKind::UpstreamTimeout.status(), 504);
+        assert_eq!(ErrorKind::NoHealthyTarget.status(), 503);
+        assert_eq!(ErrorKind::RouteNotFound.source(), ErrorSource::Client);
+        assert!(ErrorKind::UpstreamUnreachable.retryable());
+        assert!(!ErrorKind::BadRequest.retryable());
+    }
+}

@@ -1,0 +1,22 @@
+//! Portico: an API gateway. See ARCHITECTURE.md for the map of this crate.
+#![forbid(unsafe_code)]
+
+pub mod action;
+pub mod body;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod net;
+pub mod policy;
+pub mod proxy;
+pub mod rand;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;
+
+/// Loads and compiles a config file: what `portico validate` runs.
+pub fn load(path: &std::path::Path) -> Result<snapshot::Snapshot, config::ConfigErrors> {
+    let loaded = config::load_file(path)?;
+    snapshot::compile(&loaded, None)
+}

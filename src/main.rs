@@ -1,0 +1,151 @@
+//! The `portico` command line.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+portico — an API gateway
+
+USAGE:
+    portico run --config FILE [--workers N]   serve with FILE
+    portico validate --config FILE            check FILE and exit (non-zero on errors)
+    portico --version                         print the version
+
+Logging: PORTICO_LOG=info|debug|warn (default info), to stderr.
+Signals: SIGHUP reloads the config, SIGTERM/SIGINT drain and exit.";
+
+struct Args {
+    command: String,
+    config: Option<PathBuf>,
+    workers: Option<usize>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let command = it.next().ok_or_else(|| USAGE.to_string())?;
+    let mut args = Args {
+        command,
+        config: None,
+        workers: None,
+    };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" | "-c" => {
+                args.config = Some(it.next().ok_or("--config needs a file")?.into())
+            }
+            "--workers" | "-w" => {
+                let v = it.next().ok_or("--workers needs a number")?;
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| format!("--workers: `{v}` is not a number"))?;
+                if n == 0 {
+                    return Err("--workers must be at least 1".into());
+                }
+                args.workers = Some(n);
+            }
+            other => return Err(format!("unknown argument `{other}`\n\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match args.command.as_str() {
+        "--version" | "-V" | "version" => {
+            println!("portico {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        "--help" | "-h" | "help" => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        "validate" => {
+            let Some(path) = args.config else {
+                eprintln!("validate needs --config FILE");
+                return ExitCode::from(2);
+            };
+            match portico::load(&path) {
+                Ok(s) => {
+                    let routes: usize = s.config.routes.len();
+                    println!(
+                        "{}: OK ({} listeners, {} upstreams, {} routes)",
+                        path.display(),
+                        s.listeners.len(),
+                        s.upstreams.len(),
+                        routes
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        "run" => {
+            let Some(path) = args.config else {
+                eprintln!("run needs --config FILE");
+                return ExitCode::from(2);
+            };
+            init_logging();
+            let snapshot = match portico::load(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let workers = args
+                .workers
+                .or(snapshot.workers)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let rt = if workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(workers)
+                    .enable_all()
+                    .build()
+            };
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(workers, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting portico");
+            match rt.block_on(portico::server::serve_file(&path, snapshot)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        other => {
+            eprintln!("unknown command `{other}`\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTICO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,81 @@
+//! Policies: the steps of a route before its action (auth, limits, CORS,
+//! validation, transforms). Each is a small unit behind one trait.
+//!
+//! A route runs its policies' `on_request` in order; any may answer the
+//! request itself ([`Flow::Respond`]) or fail it ([`GatewayError`]). After the
+//! action (or the policy that answered), `on_response` runs in reverse order
+//! on the response, gateway-made errors included.
+//!
+//! Synchronous policies return [`Step::Ready`] and cost no allocation;
+//! policies that must wait (a key fetch, a Redis call) return a boxed future.
+
+pub mod headers;
+
+use crate::body::Body;
+use crate::error::GatewayError;
+use crate::router::path::Captures;
+use http::{HeaderValue, Request, Response};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// What the gateway knows about the request beyond the HTTP message.
+pub struct Ctx {
+    /// `x-request-id`, from the client or generated.
+    pub request_id: HeaderValue,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The real client address (the peer, or from forwarded headers when the
+    /// peer is a trusted proxy).
+    pub client_ip: IpAddr,
+    /// Whether the peer is a trusted proxy (its forwarded headers are kept).
+    pub peer_trusted: bool,
+    /// Whether the client connection uses TLS.
+    pub tls: bool,
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    /// Captured path params (spans of `original_uri`'s path).
+    pub captures: Captures,
+    /// The URI as the client sent it (captures index into its path).
+    pub original_uri: http::Uri,
+    /// The client's Host header, for forwarded headers.
+    pub host_header: Option<HeaderValue>,
+}
+
+impl Ctx {
+    /// The value of the `i`-th captured path param.
+    pub fn param(&self, i: usize) -> Option<&str> {
+        self.captures.get(self.original_uri.path(), i)
+    }
+}
+
+pub enum Flow {
+    Continue,
+    Respond(Response<Body>),
+}
+
+pub type PolicyFuture<'a> = Pin<Box<dyn Future<Output = Result<Flow, GatewayError>> + Send + 'a>>;
+
+pub enum Step<'a> {
+    Ready(Result<Flow, GatewayError>),
+    Wait(PolicyFuture<'a>),
+}
+
+impl Step<'_> {
+    pub async fn resolve(self) -> Result<Flow, GatewayError> {
+        match self {
+            Step::Ready(r) => r,
+            Step::Wait(f) => f.await,
+        }
+    }
+}
+
+pub trait Policy: Send + Sync + 'static {
+    /// Short name for logs and metrics (`headers`, `jwt`, ...).
+    fn name(&self) -> &'static str;
+
+    fn on_request<'a>(&'a self, req: &'a mut Request<Body>, ctx: &'a mut Ctx) -> Step<'a>;
+
+    fn on_response(&self, _resp: &mut Response<Body>, _ctx: &Ctx) {}
+}

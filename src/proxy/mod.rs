@@ -1,0 +1,416 @@
+//! The `proxy` action: forwards a request to an upstream and streams the
+//! answer back.
+//!
+//! Per attempt: pick an endpoint (balancer, skipping unhealthy and already
+//! tried ones) → check out a connection → send → wait for response headers.
+//! Bodies are never buffered: the client's body is handed to the upstream
+//! connection as a stream and the upstream's body is returned as a stream.
+//!
+//! Retries happen only when safe: a connection that could not be made (or a
+//! pooled one that closed before the request was written) never saw the
+//! request; after sending, only requests without a body and with an
+//! idempotent method are retried, on the configured statuses and errors.
+//! Every retry is paid from the upstream's retry budget.
+
+pub mod forward;
+pub mod rewrite;
+
+use crate::body::Body;
+use crate::error::{ErrorKind, GatewayError};
+use crate::policy::Ctx;
+use crate::rand::fast_u64;
+use crate::upstream::endpoint::Endpoint;
+use crate::upstream::pool::{self, Lease};
+use crate::upstream::Upstream;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use rewrite::Rewrite;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Free re-sends when a pooled connection closed before our request was
+/// written (the keep-alive race); these do not use the retry budget.
+const MAX_UNSENT_RESENDS: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostHeader {
+    /// The target's `host:port` as configured (default).
+    Target,
+    /// The client's Host header.
+    Preserve,
+    Fixed(HeaderValue),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    pub connect: Option<Duration>,
+    pub response_header: Option<Duration>,
+    pub request: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub on_connect_failure: bool,
+    pub on_timeout: bool,
+    pub on_reset: bool,
+    pub statuses: Vec<u16>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    /// Whether anything could trigger a retry after the request was sent.
+    fn after_send(&self) -> bool {
+        self.attempts > 0 && (self.on_timeout || self.on_reset || !self.statuses.is_empty())
+    }
+
+    async fn backoff(&self, attempt: u32) {
+        let cap = self
+            .backoff_base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.backoff_max);
+        let nanos = cap.as_nanos() as u64;
+        if nanos > 0 {
+            tokio::time::sleep(Duration::from_nanos(fast_u64() % nanos)).await;
+        }
+    }
+}
+
+pub struct ProxyAction {
+    pub upstream: Arc<Upstream>,
+    pub rewrite: Option<Rewrite>,
+    pub host: HostHeader,
+    pub timeouts: Timeouts,
+    pub retry: RetryPolicy,
+    pub upgrades: bool,
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// What is needed to send (or re-send) the request.
+struct Outgoing {
+    method: Method,
+    uri: Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Outgoing {
+    fn copy(&self) -> Outgoing {
+        Outgoing {
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            version: self.version,
+            headers: self.headers.clone(),
+        }
+    }
+
+    fn into_request(self, body: Body, ep: &Endpoint, host: &HostHeader) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        match host {
+            HostHeader::Target => {
+                req.headers_mut()
+                    .insert(header::HOST, ep.host_value.clone());
+            }
+            HostHeader::Preserve => {}
+            HostHeader::Fixed(v) => {
+                req.headers_mut().insert(header::HOST, v.clone());
+            }
+        }
+        req
+    }
+}
+
+impl ProxyAction {
+    pub async fn run(
+        &self,
+        req: Request<Body>,
+        ctx: &mut Ctx,
+    ) -> Result<Response<Body>, GatewayError> {
+        let (mut parts, body) = req.into_parts();
+        let upgrade = self.upgrades && forward::wants_upgrade(&parts.headers);
+        let client_upgrade = if upgrade {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+
+        // Request target: origin-form, rewritten if configured.
+        let needs_new_uri = self.rewrite.is_some() || parts.uri.scheme().is_some();
+        if needs_new_uri {
+            let path = match &self.rewrite {
+                Some(r) => r.apply(parts.uri.path(), ctx),
+                None => parts.uri.path().into(),
+            };
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.into_owned(),
+            };
+            parts.uri = Uri::try_from(pq).map_err(|e| {
+                GatewayError::new(ErrorKind::Internal, "path rewrite produced an invalid URI")
+                    .with_cause(e)
+            })?;
+        }
+
+        let headers = &mut parts.headers;
+        forward::strip_hop_by_hop(headers, upgrade);
+        // The gateway answers `Expect: 100-continue` itself (hyper sends the
+        // 100 when the body is first read), so it is not forwarded.
+        headers.remove(header::EXPECT);
+        forward::set_forwarded(
+            headers,
+            ctx.peer.ip(),
+            ctx.peer_trusted,
+            ctx.tls,
+            ctx.host_header.as_ref(),
+        );
+        headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+
+        let key = self.upstream.hash_of(&parts, ctx.client_ip);
+        let (body, done) = match body {
+            Body::Incoming(inc) if http_body::Body::is_end_stream(&inc) => (Body::Empty, None),
+            Body::Incoming(inc) => {
+                let done = Arc::new(AtomicBool::new(false));
+                (
+                    Body::Request {
+                        inner: inc,
+                        done: done.clone(),
+                    },
+                    Some(done),
+                )
+            }
+            other => (other, None),
+        };
+        let replayable = http_body::Body::is_end_stream(&body) && idempotent(&parts.method);
+        let out = Outgoing {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        };
+
+        self.upstream.budget.on_request();
+        let deadline = self
+            .timeouts
+            .request
+            .map(|d| tokio::time::Instant::now() + d);
+        let exchange = self.exchange(out, body, done, key, replayable, upgrade, deadline);
+        let (resp, lease) = match deadline {
+            Some(d) => tokio::time::timeout_at(d, exchange)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(GatewayError::new(
+                        ErrorKind::UpstreamTimeout,
+                        "request timeout exceeded",
+                    ))
+                })?,
+            None => exchange.await?,
+        };
+        Ok(self.respond(resp, lease, upgrade, client_upgrade, deadline))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &self,
+        mut out: Outgoing,
+        mut body: Body,
+        done: Option<Arc<AtomicBool>>,
+        key: Option<u64>,
+        replayable: bool,
+        upgrade: bool,
+        _deadline: Option<tokio::time::Instant>,
+    ) -> Result<(Response<Incoming>, Lease), GatewayError> {
+        let up = &*self.upstream;
+        let mut excluded: Vec<usize> = Vec::new();
+        let mut attempt = 0u32;
+        let mut resends = 0u32;
+        let retry = &self.retry;
+        let can_retry = |attempt: u32| attempt < retry.attempts && up.budget.try_withdraw();
+        loop {
+            let (index, ep) = {
+                let set = up.set.load();
+                let Some(i) = set.balancer.pick(&set.endpoints, key, &excluded) else {
+                    return Err(GatewayError::new(
+                        ErrorKind::NoHealthyTarget,
+                        format!("upstream `{}` has no healthy target", up.name),
+                    ));
+                };
+                (i, set.endpoints[i].clone())
+            };
+
+            let mut lease = match pool::checkout(&ep, self.timeouts.connect, upgrade).await {
+                Ok(l) => l,
+                Err(e) => {
+                    ep.health.record_failure(&up.outlier);
+                    if retry.on_connect_failure && can_retry(attempt) {
+                        attempt += 1;
+                        excluded.push(index);
+                        retry.backoff(attempt).await;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            if let Some(d) = &done {
+                lease.track_request_body(d.clone());
+            }
+            if upgrade {
+                lease.forbid_reuse();
+            }
+
+            // Keep a copy only when a retry after sending is possible.
+            let spare =
+                (replayable && retry.after_send() && attempt < retry.attempts).then(|| out.copy());
+            let req = out.into_request(body, &ep, &self.host);
+            let started = Instant::now();
+            let sending = lease.sender().try_send_request(req);
+            let result = match self.timeouts.response_header {
+                Some(t) => match tokio::time::timeout(t, sending).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        ep.health.record_failure(&up.outlier);
+                        drop(lease);
+                        if let Some(s) = spare {
+                            if retry.on_timeout && can_retry(attempt) {
+                                attempt += 1;
+                                excluded.push(index);
+                                out = s;
+                                body = Body::Empty;
+                                retry.backoff(attempt).await;
+                                continue;
+                            }
+                        }
+                        return Err(GatewayError::new(
+                            ErrorKind::UpstreamTimeout,
+                            format!("upstream `{}` did not answer within {:?}", up.name, t),
+                        ));
+                    }
+                },
+                None => sending.await,
+            };
+
+            let resp = match result {
+                Ok(r) => r,
+                Err(mut e) => {
+                    if let Some(unsent) = e.take_message() {
+                        // Never written: a pooled connection closed under us.
+                        if resends < MAX_UNSENT_RESENDS {
+                            resends += 1;
+                            let (p, b) = unsent.into_parts();
+                            out = Outgoing {
+                                method: p.method,
+                                uri: p.uri,
+                                version: p.version,
+                                headers: p.headers,
+                            };
+                            body = b;
+                            continue;
+                        }
+                    }
+                    ep.health.record_failure(&up.outlier);
+                    let err = e.into_error();
+                    if let Some(s) = spare {
+                        if retry.on_reset && can_retry(attempt) {
+                            attempt += 1;
+                            excluded.push(index);
+                            out = s;
+                            body = Body::Empty;
+                            retry.backoff(attempt).await;
+                            continue;
+                        }
+                    }
+                    return Err(GatewayError::new(
+                        ErrorKind::UpstreamProtocol,
+                        format!("upstream `{}` failed the exchange", up.name),
+                    )
+                    .with_cause(err));
+                }
+            };
+
+            ep.load.observe(started.elapsed());
+            let status = resp.status();
+            if status.is_server_error() {
+                ep.health.record_failure(&up.outlier);
+            } else {
+                ep.health.record_success(&up.outlier);
+            }
+            if let Some(s) = spare {
+                if retry.statuses.contains(&status.as_u16()) && can_retry(attempt) {
+                    attempt += 1;
+                    excluded.push(index);
+                    out = s;
+                    body = Body::Empty;
+                    drop(resp);
+                    drop(lease);
+                    retry.backoff(attempt).await;
+                    continue;
+                }
+            }
+            return Ok((resp, lease));
+        }
+    }
+
+    fn respond(
+        &self,
+        resp: Response<Incoming>,
+        mut lease: Lease,
+        upgrade: bool,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Response<Body> {
+        let (mut parts, incoming) = resp.into_parts();
+        let switching = upgrade && parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        forward::strip_hop_by_hop(&mut parts.headers, switching);
+        if switching {
+            lease.forbid_reuse();
+            drop(incoming);
+            let upstream_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+            if let (Some(client_upgrade), Some(upstream_upgrade)) =
+                (client_upgrade, upstream_upgrade)
+            {
+                tokio::spawn(splice(client_upgrade, upstream_upgrade, lease));
+            }
+            return Response::from_parts(parts, Body::Empty);
+        }
+        let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        Response::from_parts(parts, Body::response(incoming, lease, deadline))
+    }
+}
+
+/// Joins the client's and the upstream's upgraded connections and copies
+/// bytes both ways until either side closes.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    lease: Lease,
+) {
+    let (c, u) = tokio::join!(client, upstream);
+    match (c, u) {
+        (Ok(c), Ok(u)) => {
+            let mut c = hyper_util::rt::TokioIo::new(c);
+            let mut u = hyper_util::rt::TokioIo::new(u);
+            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+        }
+        (c, u) => {
+            tracing::debug!(
+                client_ok = c.is_ok(),
+                upstream_ok = u.is_ok(),
+                "upgrade failed"
+            );
+        }
+    }
+    drop(lease);
+}

@@ -1,0 +1,181 @@
+//! The request lifecycle, in order:
+//! 1. take the live snapshot and the listener's router;
+//! 2. establish the request id and the real client address;
+//! 3. match a route (404 when none);
+//! 4. run the route's policies' `on_request` in order (any may answer);
+//! 5. run the action;
+//! 6. run `on_response` of the policies that ran, in reverse order;
+//! 7. stamp `x-request-id` on the response.
+//!
+//! Any [`GatewayError`] becomes the standard JSON error response here.
+
+use super::ConnCtx;
+use crate::body::Body;
+use crate::error::{ErrorKind, GatewayError};
+use crate::policy::{Ctx, Flow};
+use crate::proxy::{forward, X_REQUEST_ID};
+use crate::rand::fast_u64;
+use crate::router::RequestView;
+use http::{header, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use std::borrow::Cow;
+
+pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
+    let snapshot = conn.shared.snapshot.load_full();
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
+        Some(v) if valid_request_id(v) => v.clone(),
+        _ => new_request_id(),
+    };
+    let Some(lr) = snapshot.listener(&conn.listener) else {
+        let e = GatewayError::new(ErrorKind::RouteNotFound, "listener no longer configured");
+        return finish(e.to_response(Some(&request_id)), request_id);
+    };
+
+    let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let host = host_header
+        .as_ref()
+        .map(normalize_host)
+        .unwrap_or(Cow::Borrowed(""));
+    let matched = lr.router.find(&RequestView {
+        host: &host,
+        path: req.uri().path(),
+        query: req.uri().query(),
+        method: req.method(),
+        headers: req.headers(),
+    });
+    let Some(matched) = matched else {
+        let e = GatewayError::new(
+            ErrorKind::RouteNotFound,
+            format!("no route for {} {}", req.method(), req.uri().path()),
+        );
+        return finish(e.to_response(Some(&request_id)), request_id);
+    };
+    drop(host);
+    let route = &lr.routes[matched.route];
+
+    let peer_ip = conn.peer.ip();
+    let peer_trusted = !lr.trusted.is_empty() && lr.trusted.contains(peer_ip);
+    let client_ip = if peer_trusted {
+        forward::client_ip(peer_ip, req.headers(), &lr.trusted)
+    } else {
+        crate::net::canonical(peer_ip)
+    };
+    let mut ctx = Ctx {
+        request_id,
+        peer: conn.peer,
+        client_ip,
+        peer_trusted,
+        tls: conn.tls,
+        listener: conn.listener.clone(),
+        route: route.name.clone(),
+        captures: matched.captures,
+        original_uri: req.uri().clone(),
+        host_header,
+    };
+    let mut req = req.map(Body::Incoming);
+
+    let mut ran = 0;
+    let mut answered = None;
+    for policy in &route.policies {
+        ran += 1;
+        match policy.on_request(&mut req, &mut ctx).resolve().await {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Respond(r)) => {
+                answered = Some(Ok(r));
+                break;
+            }
+            Err(e) => {
+                answered = Some(Err(e));
+                break;
+            }
+        }
+    }
+    let result = match answered {
+        Some(r) => r,
+        None => route.action.run(req, &mut ctx).await,
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(route = %ctx.route, request_id = ?ctx.request_id, error = %e, "request failed");
+            e.to_response(Some(&ctx.request_id))
+        }
+    };
+    for policy in route.policies[..ran].iter().rev() {
+        policy.on_response(&mut resp, &ctx);
+    }
+    finish(resp, ctx.request_id)
+}
+
+fn finish(mut resp: Response<Body>, request_id: HeaderValue) -> Response<Body> {
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    resp
+}
+
+/// Lower-case host without the port.
+fn normalize_host(v: &HeaderValue) -> Cow<'_, str> {
+    let s = v.to_str().unwrap_or("");
+    let s = if s.starts_with('[') {
+        // IPv6 literal: keep the brackets' content.
+        s.split(']')
+            .next()
+            .map(|h| h.trim_start_matches('['))
+            .unwrap_or(s)
+    } else {
+        s.rsplit_once(':').map_or(s, |(h, _)| h)
+    };
+    let s = s.trim_end_matches('.');
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+/// 32 hex characters from 128 random bits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    let (a, b) = (fast_u64(), fast_u64());
+    for i in 0..16 {
+        buf[i] = HEX[((a >> (i * 4)) & 0xf) as usize];
+        buf[16 + i] = HEX[((b >> (i * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_normalisation() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(
+            normalize_host(&h("API.Example.com:8080")),
+            "api.example.com"
+        );
+        assert_eq!(normalize_host(&h("example.com.")), "example.com");
+        assert_eq!(normalize_host(&h("[::1]:80")), "::1");
+        assert_eq!(normalize_host(&h("plain")), "plain");
+    }
+
+    #[test]
+    fn request_ids() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(valid_request_id(&a));
+        assert!(!valid_request_id(&HeaderValue::from_static("has space")));
+    }
+}

@@ -1,0 +1,836 @@
+//! Compiles a parsed configuration into an immutable runtime [`Snapshot`]:
+//! routers per listener, compiled routes (policy chain + action), upstreams.
+//!
+//! All semantic validation happens here, and every problem is reported with
+//! its file, line, column and key path. Compiling never does I/O; the server
+//! swaps a new snapshot in atomically and requests in flight keep the one
+//! they started with.
+
+use crate::action::{Action, Echo, Respond};
+use crate::config::model::{self, RetryCondition, RetryOn};
+use crate::config::{ConfigError, ConfigErrors, Loaded};
+use crate::net::{Cidr, CidrSet};
+use crate::policy::headers::{HeaderOps, HeadersPolicy};
+use crate::policy::Policy;
+use crate::proxy::rewrite::{parse_template, Rewrite};
+use crate::proxy::{HostHeader, ProxyAction, RetryPolicy, Timeouts};
+use crate::router::path::Pattern;
+use crate::router::{Conditions, Router, RouterBuilder, ValueCond};
+use crate::upstream::health::{ActiveCheck, Outlier};
+use crate::upstream::{HashKey, TargetSpec, Upstream};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A listener as compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerSpec {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    pub trusted: Vec<Cidr>,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// A compiled route: an ordered policy chain and one action.
+pub struct Route {
+    pub name: Arc<str>,
+    pub policies: Vec<Box<dyn Policy>>,
+    pub action: Action,
+}
+
+/// The routes a listener serves.
+pub struct ListenerRoutes {
+    pub spec: ListenerSpec,
+    pub trusted: CidrSet,
+    pub router: Router,
+    /// Indexed by the router's route indices.
+    pub routes: Vec<Arc<Route>>,
+}
+
+pub struct Snapshot {
+    pub hash: u64,
+    pub file: String,
+    pub loaded_at: SystemTime,
+    pub workers: Option<usize>,
+    pub listeners: Vec<ListenerRoutes>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub config: model::Config,
+}
+
+impl Snapshot {
+    pub fn listener(&self, name: &str) -> Option<&ListenerRoutes> {
+        self.listeners.iter().find(|l| &*l.spec.name == name)
+    }
+}
+
+struct Compiler<'a> {
+    loaded: &'a Loaded,
+    errors: Vec<ConfigError>,
+}
+
+impl Compiler<'_> {
+    fn err(&mut self, path: impl Into<String>, msg: impl Into<String>) {
+        self.errors.push(self.loaded.error(path, msg));
+    }
+}
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Compiles `loaded`. Upstreams whose definition did not change are taken
+/// from `previous` as they are (pools and health state kept).
+pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigErrors> {
+    let mut c = Compiler {
+        loaded,
+        errors: Vec::new(),
+    };
+    let cfg = &loaded.config;
+
+    if let Some(0) = cfg.workers {
+        c.err("workers", "must be at least 1");
+    }
+
+    // ---- listeners
+    let mut listeners = Vec::new();
+    let mut names = HashSet::new();
+    let mut addrs = HashSet::new();
+    if cfg.listeners.is_empty() {
+        c.err("listeners", "at least one listener is required");
+    }
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let p = format!("listeners[{i}]");
+        if !names.insert(l.name.as_str()) {
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate listener name `{}`", l.name),
+            );
+        }
+        let addr = match l.address.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                c.err(
+                    format!("{p}.address"),
+                    format!("`{}` is not an `ip:port` address", l.address),
+                );
+                continue;
+            }
+        };
+        if !addrs.insert(addr) {
+            c.err(
+                format!("{p}.address"),
+                format!("address {addr} is used by another listener"),
+            );
+        }
+        let mut trusted = Vec::new();
+        for (j, t) in l.trusted_proxies.iter().enumerate() {
+            match Cidr::parse(t) {
+                Ok(cidr) => trusted.push(cidr),
+                Err(e) => c.err(format!("{p}.trusted_proxies[{j}]"), e),
+            }
+        }
+        if l.max_header_bytes.0 < 8192 {
+            c.err(format!("{p}.max_header_bytes"), "must be at least 8KiB");
+        }
+        listeners.push(ListenerSpec {
+            name: l.name.as_str().into(),
+            addr,
+            trusted,
+            header_read_timeout: l.header_read_timeout.0,
+            max_header_bytes: l.max_header_bytes.0 as usize,
+        });
+    }
+
+    // ---- upstreams
+    let mut upstreams: HashMap<String, Arc<Upstream>> = HashMap::new();
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        let p = format!("upstreams[{i}]");
+        if upstreams.contains_key(&u.name) {
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate upstream name `{}`", u.name),
+            );
+            continue;
+        }
+        if let Some(up) = compile_upstream(&mut c, &p, u, previous) {
+            upstreams.insert(u.name.clone(), up);
+        }
+    }
+
+    // ---- routes
+    let mut routes: Vec<(usize, Arc<Route>, Pattern, Conditions)> = Vec::new();
+    let mut route_names = HashSet::new();
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        if !route_names.insert(r.name.as_str()) {
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate route name `{}`", r.name),
+            );
+        }
+        for (j, l) in r.listeners.iter().enumerate() {
+            if !cfg.listeners.iter().any(|x| &x.name == l) {
+                c.err(
+                    format!("{p}.listeners[{j}]"),
+                    format!("no listener is named `{l}`"),
+                );
+            }
+        }
+        if let Some(compiled) = compile_route(&mut c, &p, r, &upstreams) {
+            routes.push((i, Arc::new(compiled.0), compiled.1, compiled.2));
+        }
+    }
+    check_ambiguity(&mut c, cfg, &routes);
+
+    if !c.errors.is_empty() {
+        return Err(ConfigErrors(c.errors));
+    }
+
+    let listeners = listeners
+        .into_iter()
+        .map(|spec| {
+            let mut b = RouterBuilder::default();
+            let mut lr = Vec::new();
+            for (i, route, pattern, conds) in &routes {
+                let r = &cfg.routes[*i];
+                if r.listeners.is_empty() || r.listeners.iter().any(|l| **l == *spec.name) {
+                    b.add(&r.matcher.hosts, pattern, r.priority, conds.clone());
+                    lr.push(route.clone());
+                }
+            }
+            ListenerRoutes {
+                trusted: CidrSet(spec.trusted.clone()),
+                spec,
+                router: b.build(),
+                routes: lr,
+            }
+        })
+        .collect();
+
+    Ok(Snapshot {
+        hash: loaded.hash,
+        file: loaded.file.clone(),
+        loaded_at: SystemTime::now(),
+        workers: cfg.workers,
+        listeners,
+        upstreams,
+        config: cfg.clone(),
+    })
+}
+
+fn opt_dur(d: Option<crate::config::units::Dur>, default: Option<Duration>) -> Option<Duration> {
+    match d {
+        Some(d) if d.0.is_zero() => None,
+        Some(d) => Some(d.0),
+        None => default,
+    }
+}
+
+fn compile_upstream(
+    c: &mut Compiler,
+    p: &str,
+    u: &model::Upstream,
+    previous: Option<&Snapshot>,
+) -> Option<Arc<Upstream>> {
+    let before = c.errors.len();
+    if u.targets.is_empty() {
+        c.err(
+            format!("{p}.targets"),
+            "an upstream needs at least one target",
+        );
+    }
+    let mut targets = Vec::new();
+    for (j, t) in u.targets.iter().enumerate() {
+        let tp = format!("{p}.targets[{j}]");
+        if t.weight == 0 {
+            c.err(
+                format!("{tp}.weight"),
+                "must be at least 1 (remove the target to disable it)",
+            );
+        }
+        match split_host_port(&t.address) {
+            Some((host, port)) => {
+                let fixed = host
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, port));
+                targets.push(TargetSpec {
+                    host: host.to_string(),
+                    port,
+                    weight: t.weight,
+                    fixed,
+                    authority: t.address.as_str().into(),
+                });
+            }
+            None => c.err(
+                format!("{tp}.address"),
+                format!("`{}` is not `host:port`", t.address),
+            ),
+        }
+    }
+    let hash_key = match (&u.balance, &u.hash_on) {
+        (model::Balance::ConsistentHash, None) => {
+            c.err(
+                format!("{p}.hash_on"),
+                "`balance: consistent_hash` needs `hash_on` (header, cookie, client_ip or path)",
+            );
+            None
+        }
+        (model::Balance::ConsistentHash, Some(h)) => {
+            let key = match h.split_once(':') {
+                Some(("header", name)) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .ok()
+                    .map(HashKey::Header),
+                Some(("cookie", name)) if !name.trim().is_empty() => {
+                    Some(HashKey::Cookie(name.trim().to_string()))
+                }
+                None if h == "client_ip" => Some(HashKey::ClientIp),
+                None if h == "path" => Some(HashKey::Path),
+                _ => None,
+            };
+            if key.is_none() {
+                c.err(
+                    format!("{p}.hash_on"),
+                    format!("`{h}`: expected `header:NAME`, `cookie:NAME`, `client_ip` or `path`"),
+                );
+            }
+            key
+        }
+        (_, Some(_)) => {
+            c.err(
+                format!("{p}.hash_on"),
+                "only used with `balance: consistent_hash`",
+            );
+            None
+        }
+        (_, None) => None,
+    };
+    check_retries(c, &format!("{p}.retries"), &u.retries);
+    if u.resolve_interval.0 < Duration::from_secs(1) {
+        c.err(format!("{p}.resolve_interval"), "must be at least 1s");
+    }
+    let od = &u.outlier_detection;
+    if od.consecutive_failures > 0
+        && (od.base_ejection.0.is_zero() || od.max_ejection.0 < od.base_ejection.0)
+    {
+        c.err(
+            format!("{p}.outlier_detection"),
+            "needs base_ejection > 0 and max_ejection >= base_ejection",
+        );
+    }
+    let active = u.health_check.as_ref().and_then(|h| {
+        let hp = format!("{p}.health_check");
+        if !h.path.starts_with('/') {
+            c.err(format!("{hp}.path"), "must start with `/`");
+        }
+        if h.interval.0.is_zero() {
+            c.err(format!("{hp}.interval"), "must be greater than 0");
+        }
+        if h.timeout.0.is_zero() {
+            c.err(format!("{hp}.timeout"), "must be greater than 0");
+        }
+        if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+            c.err(format!("{hp}"), "thresholds must be at least 1");
+        }
+        let mut expected = Vec::new();
+        for (k, s) in h.expected_status.iter().enumerate() {
+            let range = match s {
+                model::StatusRange::Code(code) => Some((*code, *code)),
+                model::StatusRange::Range(r) => r
+                    .split_once('-')
+                    .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?))),
+            };
+            match range {
+                Some((a, b)) if (100..=599).contains(&a) && (a..=599).contains(&b) => {
+                    expected.push((a, b))
+                }
+                _ => c.err(
+                    format!("{hp}.expected_status[{k}]"),
+                    "expected a status code or a range like `200-399`",
+                ),
+            }
+        }
+        Some(ActiveCheck {
+            path: h.path.clone(),
+            host: h.host.clone(),
+            interval: h.interval.0,
+            timeout: h.timeout.0,
+            healthy_threshold: h.healthy_threshold.max(1),
+            unhealthy_threshold: h.unhealthy_threshold.max(1),
+            expected,
+        })
+    });
+    if c.errors.len() > before {
+        return None;
+    }
+    let prev = previous.and_then(|s| s.upstreams.get(&u.name));
+    if let Some(prev) = prev {
+        if prev.spec == *u {
+            return Some(prev.clone());
+        }
+    }
+    let outlier = Outlier {
+        consecutive_failures: od.consecutive_failures,
+        base_ejection: od.base_ejection.0,
+        max_ejection: od.max_ejection.0,
+    };
+    Some(Arc::new(Upstream::new(
+        u.clone(),
+        targets,
+        hash_key,
+        outlier,
+        active,
+        prev.map(|a| &**a),
+    )))
+}
+
+fn check_retries(c: &mut Compiler, p: &str, r: &model::Retries) {
+    for (k, on) in r.on.iter().enumerate() {
+        if let RetryOn::Status(s) = on {
+            if !(100..=599).contains(s) {
+                c.err(
+                    format!("{p}.on[{k}]"),
+                    format!("`{s}` is not an HTTP status"),
+                );
+            }
+        }
+    }
+    if !(0.0..=1.0).contains(&r.budget.ratio) {
+        c.err(format!("{p}.budget.ratio"), "must be between 0 and 1");
+    }
+    if r.attempts > 10 {
+        c.err(format!("{p}.attempts"), "at most 10 retries");
+    }
+}
+
+fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        let host_end = s.rfind(':')?;
+        let host = s[..host_end].trim_start_matches('[').trim_end_matches(']');
+        return Some((host, a.port()));
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    valid.then_some((host, port))
+}
+
+fn retry_policy(r: &model::Retries) -> RetryPolicy {
+    let mut p = RetryPolicy {
+        attempts: r.attempts,
+        on_connect_failure: false,
+        on_timeout: false,
+        on_reset: false,
+        statuses: Vec::new(),
+        backoff_base: r.backoff.base.0,
+        backoff_max: r.backoff.max.0,
+    };
+    for on in &r.on {
+        match on {
+            RetryOn::Status(s) => p.statuses.push(*s),
+            RetryOn::Condition(RetryCondition::ConnectFailure) => p.on_connect_failure = true,
+            RetryOn::Condition(RetryCondition::Timeout) => p.on_timeout = true,
+            RetryOn::Condition(RetryCondition::Reset) => p.on_reset = true,
+        }
+    }
+    p
+}
+
+fn header_name(c: &mut Compiler, p: String, n: &str) -> Option<HeaderName> {
+    match HeaderName::from_bytes(n.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            c.err(p, format!("`{n}` is not a valid header name"));
+            None
+        }
+    }
+}
+
+fn header_value(c: &mut Compiler, p: String, v: &str) -> Option<HeaderValue> {
+    match HeaderValue::from_str(v) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            c.err(p, "not a valid header value (control characters?)");
+            None
+        }
+    }
+}
+
+fn header_ops(c: &mut Compiler, p: &str, ops: &model::HeaderOps) -> HeaderOps {
+    let mut out = HeaderOps::default();
+    for (k, v) in &ops.set {
+        let n = header_name(c, format!("{p}.set.{k}"), k);
+        let v = header_value(c, format!("{p}.set.{k}"), v);
+        if let (Some(n), Some(v)) = (n, v) {
+            out.set.push((n, v));
+        }
+    }
+    for (k, v) in &ops.add {
+        let n = header_name(c, format!("{p}.add.{k}"), k);
+        let v = header_value(c, format!("{p}.add.{k}"), v);
+        if let (Some(n), Some(v)) = (n, v) {
+            out.add.push((n, v));
+        }
+    }
+    for (j, k) in ops.remove.iter().enumerate() {
+        if let Some(n) = header_name(c, format!("{p}.remove[{j}]"), k) {
+            out.remove.push(n);
+        }
+    }
+    out
+}
+
+fn value_cond(c: &mut Compiler, p: &str, m: &model::ValueMatch) -> Option<ValueCond> {
+    let set = [m.exact.is_some(), m.regex.is_some(), m.present.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if set != 1 {
+        c.err(
+            p.to_string(),
+            "give exactly one of `exact`, `regex` or `present`",
+        );
+        return None;
+    }
+    if let Some(e) = &m.exact {
+        return Some(ValueCond::Exact(e.clone()));
+    }
+    if let Some(r) = &m.regex {
+        return match regex::Regex::new(r) {
+            Ok(re) => Some(ValueCond::Regex(re)),
+            Err(e) => {
+                c.err(format!("{p}.regex"), format!("invalid regex: {e}"));
+                None
+            }
+        };
+    }
+    Some(if m.present == Some(true) {
+        ValueCond::Present
+    } else {
+        ValueCond::Absent
+    })
+}
+
+fn compile_route(
+    c: &mut Compiler,
+    p: &str,
+    r: &model::Route,
+    upstreams: &HashMap<String, Arc<Upstream>>,
+) -> Option<(Route, Pattern, Conditions)> {
+    let before = c.errors.len();
+    let m = &r.matcher;
+    let pattern = match (&m.path, &m.path_prefix) {
+        (Some(_), Some(_)) => {
+            c.err(
+                format!("{p}.match"),
+                "give either `path` or `path_prefix`, not both",
+            );
+            None
+        }
+        (Some(path), None) => Pattern::parse(path)
+            .map_err(|e| c.err(format!("{p}.match.path"), e))
+            .ok(),
+        (None, Some(prefix)) => Pattern::parse_prefix(prefix)
+            .map_err(|e| c.err(format!("{p}.match.path_prefix"), e))
+            .ok(),
+        (None, None) => Pattern::parse_prefix("/").ok(),
+    };
+    for (j, h) in m.hosts.iter().enumerate() {
+        let bare = h.strip_prefix("*.").unwrap_or(h);
+        let ok = !bare.is_empty()
+            && !bare.contains('*')
+            && bare
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !ok {
+            c.err(
+                format!("{p}.match.hosts[{j}]"),
+                format!("`{h}` is not a host name or `*.suffix` wildcard (no port)"),
+            );
+        }
+    }
+    let mut conds = Conditions::default();
+    for (j, meth) in m.methods.iter().enumerate() {
+        match Method::from_bytes(meth.to_ascii_uppercase().as_bytes()) {
+            Ok(mm) => conds.methods.push(mm),
+            Err(_) => c.err(
+                format!("{p}.match.methods[{j}]"),
+                format!("`{meth}` is not an HTTP method"),
+            ),
+        }
+    }
+    for (j, h) in m.headers.iter().enumerate() {
+        let hp = format!("{p}.match.headers[{j}]");
+        let n = header_name(c, format!("{hp}.name"), &h.name);
+        if let (Some(n), Some(v)) = (n, value_cond(c, &hp, h)) {
+            conds.headers.push((n, v));
+        }
+    }
+    for (j, q) in m.query.iter().enumerate() {
+        let qp = format!("{p}.match.query[{j}]");
+        if let Some(v) = value_cond(c, &qp, q) {
+            conds.query.push((q.name.clone(), v));
+        }
+    }
+
+    let mut policies: Vec<Box<dyn Policy>> = Vec::new();
+    for (j, pol) in r.policies.iter().enumerate() {
+        let pp = format!("{p}.policies[{j}]");
+        let set = [pol.headers.is_some()].iter().filter(|x| **x).count();
+        if set != 1 {
+            c.err(
+                pp.clone(),
+                "a policy step names exactly one policy (known: headers)",
+            );
+            continue;
+        }
+        if let Some(h) = &pol.headers {
+            let request = header_ops(c, &format!("{pp}.headers.request"), &h.request);
+            let response = header_ops(c, &format!("{pp}.headers.response"), &h.response);
+            policies.push(Box::new(HeadersPolicy { request, response }));
+        }
+    }
+
+    let params: Vec<String> = pattern
+        .as_ref()
+        .map(|pt| pt.params().into_iter().map(String::from).collect())
+        .unwrap_or_default();
+    let action = compile_action(c, &format!("{p}.action"), &r.action, upstreams, &params);
+    if c.errors.len() > before {
+        return None;
+    }
+    let route = Route {
+        name: r.name.as_str().into(),
+        policies,
+        action: action?,
+    };
+    Some((route, pattern?, conds))
+}
+
+fn compile_action(
+    c: &mut Compiler,
+    p: &str,
+    a: &model::Action,
+    upstreams: &HashMap<String, Arc<Upstream>>,
+    params: &[String],
+) -> Option<Action> {
+    let set = [a.proxy.is_some(), a.respond.is_some(), a.echo.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if set != 1 {
+        c.err(
+            p.to_string(),
+            "give exactly one action: `proxy`, `respond` or `echo`",
+        );
+        return None;
+    }
+    if let Some(e) = &a.echo {
+        {
+            let status = status(c, format!("{p}.echo.status"), e.status)?;
+            return Some(Action::Echo(Echo { status }));
+        }
+    }
+    if let Some(r) = &a.respond {
+        {
+            let status = status(c, format!("{p}.respond.status"), r.status);
+            let mut headers = HeaderMap::new();
+            let body = match (&r.body, &r.json) {
+                (Some(_), Some(_)) => {
+                    c.err(
+                        format!("{p}.respond"),
+                        "give either `body` or `json`, not both",
+                    );
+                    Bytes::new()
+                }
+                (Some(b), None) => Bytes::from(b.clone()),
+                (None, Some(j)) => {
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    Bytes::from(serde_json::to_vec(j).unwrap_or_default())
+                }
+                (None, None) => Bytes::new(),
+            };
+            for (k, v) in &r.headers {
+                let n = header_name(c, format!("{p}.respond.headers.{k}"), k);
+                let v = header_value(c, format!("{p}.respond.headers.{k}"), v);
+                if let (Some(n), Some(v)) = (n, v) {
+                    headers.insert(n, v);
+                }
+            }
+            return Some(Action::Respond(Respond {
+                status: status?,
+                headers,
+                body,
+            }));
+        }
+    }
+    {
+        let px = a.proxy.as_ref()?;
+        {
+            let pp = format!("{p}.proxy");
+            let Some(up) = upstreams.get(&px.upstream) else {
+                let known: Vec<_> = upstreams.keys().map(String::as_str).collect();
+                c.err(
+                    format!("{pp}.upstream"),
+                    format!(
+                        "no upstream is named `{}` (defined: {})",
+                        px.upstream,
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+                return None;
+            };
+            let rewrite = px.rewrite.as_ref().and_then(|rw| {
+                let n = [
+                    rw.strip_prefix.is_some(),
+                    rw.replace_prefix.is_some(),
+                    rw.path.is_some(),
+                ]
+                .iter()
+                .filter(|x| **x)
+                .count();
+                if n != 1 {
+                    c.err(
+                        format!("{pp}.rewrite"),
+                        "give exactly one of `strip_prefix`, `replace_prefix` or `path`",
+                    );
+                    return None;
+                }
+                if let Some(s) = &rw.strip_prefix {
+                    if !s.starts_with('/') {
+                        c.err(format!("{pp}.rewrite.strip_prefix"), "must start with `/`");
+                    }
+                    return Some(Rewrite::StripPrefix(s.clone()));
+                }
+                if let Some(r) = &rw.replace_prefix {
+                    if !r.from.starts_with('/') || !r.to.starts_with('/') {
+                        c.err(
+                            format!("{pp}.rewrite.replace_prefix"),
+                            "`from` and `to` must start with `/`",
+                        );
+                    }
+                    return Some(Rewrite::ReplacePrefix {
+                        from: r.from.clone(),
+                        to: r.to.clone(),
+                    });
+                }
+                let t = rw.path.as_deref().unwrap_or("/");
+                let names: Vec<&str> = params.iter().map(String::as_str).collect();
+                match parse_template(t, &names) {
+                    Ok(pieces) => Some(Rewrite::Template(pieces)),
+                    Err(e) => {
+                        c.err(format!("{pp}.rewrite.path"), e);
+                        None
+                    }
+                }
+            });
+            let host = match px.host_header.as_deref() {
+                None | Some("target") => HostHeader::Target,
+                Some("preserve") => HostHeader::Preserve,
+                Some(v) => HostHeader::Fixed(header_value(c, format!("{pp}.host_header"), v)?),
+            };
+            let base = &up.spec.timeouts;
+            let over = px.timeouts.clone().unwrap_or_default();
+            let timeouts = Timeouts {
+                connect: opt_dur(over.connect.or(base.connect), Some(DEFAULT_CONNECT_TIMEOUT)),
+                response_header: opt_dur(
+                    over.response_header.or(base.response_header),
+                    Some(DEFAULT_RESPONSE_HEADER_TIMEOUT),
+                ),
+                request: opt_dur(over.request.or(base.request), None),
+            };
+            let retries = px.retries.as_ref().unwrap_or(&up.spec.retries);
+            if let Some(r) = &px.retries {
+                check_retries(c, &format!("{pp}.retries"), r);
+            }
+            Some(Action::Proxy(ProxyAction {
+                upstream: up.clone(),
+                rewrite,
+                host,
+                timeouts,
+                retry: retry_policy(retries),
+                upgrades: px.upgrades,
+            }))
+        }
+    }
+}
+
+fn status(c: &mut Compiler, p: String, s: u16) -> Option<StatusCode> {
+    match StatusCode::from_u16(s) {
+        Ok(st) if (200..=599).contains(&s) => Some(st),
+        _ => {
+            c.err(p, format!("`{s}` is not a valid final status (200-599)"));
+            None
+        }
+    }
+}
+
+/// Rejects pairs of routes that the precedence rules cannot order and that
+/// some request could match both: same host key, same path shape, same
+/// priority and condition count, conditions not provably disjoint.
+fn check_ambiguity(
+    c: &mut Compiler,
+    cfg: &model::Config,
+    routes: &[(usize, Arc<Route>, Pattern, Conditions)],
+) {
+    let mut groups: HashMap<(String, String, i32), Vec<usize>> = HashMap::new();
+    for (k, (i, _, pattern, _)) in routes.iter().enumerate() {
+        let r = &cfg.routes[*i];
+        let hosts: Vec<String> = if r.matcher.hosts.is_empty() {
+            vec![String::new()]
+        } else {
+            r.matcher
+                .hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect()
+        };
+        for h in hosts {
+            groups
+                .entry((h, pattern.shape(), r.priority))
+                .or_default()
+                .push(k);
+        }
+    }
+    let mut reported = HashSet::new();
+    let mut keys: Vec<_> = groups.keys().cloned().collect();
+    keys.sort();
+    for key in keys {
+        let members = &groups[&key];
+        for a in 0..members.len() {
+            for b in a + 1..members.len() {
+                let (ia, _, _, ca) = &routes[members[a]];
+                let (ib, _, _, cb) = &routes[members[b]];
+                let (ra, rb) = (&cfg.routes[*ia], &cfg.routes[*ib]);
+                if ca.count() != cb.count() || ca.disjoint(cb) {
+                    continue;
+                }
+                let share_listener = ra.listeners.is_empty()
+                    || rb.listeners.is_empty()
+                    || ra.listeners.iter().any(|l| rb.listeners.contains(l));
+                if share_listener && reported.insert((*ia, *ib)) {
+                    c.err(
+                        format!("routes[{ib}].match"),
+                        format!(
+                            "route `{}` is ambiguous with route `{}` (routes[{ia}]): same host, path and number of conditions, and a request could match both; set `priority` on one of them or make their conditions exclusive",
+                            rb.name, ra.name
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}

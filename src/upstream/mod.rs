@@ -1,0 +1,296 @@
+//! Upstreams: named services, their targets and endpoints, and everything
+//! that chooses and maintains connections to them (balancing, pooling,
+//! health, DNS, retry budget).
+//!
+//! An [`Upstream`] outlives config reloads when its definition is unchanged,
+//! so its pooled connections and health state survive; its endpoint set is
+//! swapped atomically when DNS answers change, reusing unchanged endpoints.
+
+pub mod balance;
+pub mod budget;
+pub mod endpoint;
+pub mod health;
+pub mod pool;
+
+use crate::config::model;
+use arc_swap::ArcSwap;
+use balance::Balancer;
+use budget::RetryBudget;
+use endpoint::Endpoint;
+use health::{ActiveCheck, Outlier};
+use pool::Pool;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// A target as configured, split into host and port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetSpec {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    /// Set when `host` is an IP literal: no DNS needed.
+    pub fixed: Option<SocketAddr>,
+    /// `host:port` as written.
+    pub authority: Arc<str>,
+}
+
+/// How to derive the consistent-hash key from a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    ClientIp,
+    Path,
+}
+
+/// The endpoints of an upstream at one moment, with their balancer.
+pub struct EndpointSet {
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub balancer: Balancer,
+}
+
+pub struct Upstream {
+    pub name: Arc<str>,
+    /// The definition this upstream was built from (reuse across reloads).
+    pub spec: model::Upstream,
+    pub targets: Vec<TargetSpec>,
+    pub algorithm: model::Balance,
+    pub hash_key: Option<HashKey>,
+    pub set: ArcSwap<EndpointSet>,
+    pub outlier: Outlier,
+    pub active: Option<ActiveCheck>,
+    pub budget: RetryBudget,
+    resolve_interval: Duration,
+    started: AtomicBool,
+}
+
+impl Upstream {
+    /// Builds an upstream from its compiled parts. Endpoints of `previous`
+    /// with the same address and pool settings are carried over.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        spec: model::Upstream,
+        targets: Vec<TargetSpec>,
+        hash_key: Option<HashKey>,
+        outlier: Outlier,
+        active: Option<ActiveCheck>,
+        previous: Option<&Upstream>,
+    ) -> Upstream {
+        let up = Upstream {
+            name: spec.name.as_str().into(),
+            algorithm: spec.balance,
+            resolve_interval: spec.resolve_interval.0,
+            budget: RetryBudget::new(spec.retries.budget.ratio, spec.retries.budget.min_retries),
+            spec,
+            targets,
+            hash_key,
+            set: ArcSwap::from_pointee(EndpointSet {
+                endpoints: vec![],
+                balancer: Balancer::LeastRequest,
+            }),
+            outlier,
+            active,
+            started: AtomicBool::new(false),
+        };
+        // Fixed addresses are known now; names are filled in by `resolve`.
+        // Until then, keep what the previous generation resolved.
+        let mut addrs: Vec<(SocketAddr, usize)> = Vec::new();
+        for (ti, t) in up.targets.iter().enumerate() {
+            if let Some(a) = t.fixed {
+                addrs.push((a, ti));
+            } else if let Some(prev) = previous {
+                for e in prev.set.load().endpoints.iter() {
+                    if *e.target == *t.authority {
+                        addrs.push((e.addr, ti));
+                    }
+                }
+            }
+        }
+        let prev_eps = previous.map(|p| p.set.load_full());
+        up.install(&addrs, prev_eps.as_deref());
+        up
+    }
+
+    fn pool_settings(&self) -> (usize, Duration) {
+        (self.spec.pool.max_idle, self.spec.pool.idle_timeout.0)
+    }
+
+    /// Replaces the endpoint set with `addrs` (address, target index),
+    /// reusing endpoints from `reuse` (or the current set) when unchanged.
+    fn install(&self, addrs: &[(SocketAddr, usize)], reuse: Option<&EndpointSet>) {
+        let current = self.set.load_full();
+        let reuse = reuse.unwrap_or(&current);
+        let settings = self.pool_settings();
+        let mut old: HashMap<(SocketAddr, &str), &Arc<Endpoint>> = HashMap::new();
+        for e in &reuse.endpoints {
+            old.insert((e.addr, &*e.target), e);
+        }
+        let mut endpoints = Vec::with_capacity(addrs.len());
+        for (addr, ti) in addrs {
+            let t = &self.targets[*ti];
+            let ep = match old.get(&(*addr, &*t.authority)) {
+                Some(e) if e.weight == t.weight && e.pool.settings() == settings => Arc::clone(e),
+                _ => Arc::new(Endpoint::new(
+                    *addr,
+                    t.authority.clone(),
+                    t.weight,
+                    Pool::new(settings.0, settings.1),
+                )),
+            };
+            if !endpoints
+                .iter()
+                .any(|e: &Arc<Endpoint>| Arc::ptr_eq(e, &ep))
+            {
+                endpoints.push(ep);
+            }
+        }
+        let balancer = match self.algorithm {
+            model::Balance::RoundRobin => Balancer::round_robin(&endpoints),
+            model::Balance::Random => Balancer::random(&endpoints),
+            model::Balance::LeastRequest => Balancer::LeastRequest,
+            model::Balance::ConsistentHash => Balancer::consistent_hash(&endpoints),
+        };
+        self.set.store(Arc::new(EndpointSet {
+            endpoints,
+            balancer,
+        }));
+    }
+
+    fn needs_dns(&self) -> bool {
+        self.targets.iter().any(|t| t.fixed.is_none())
+    }
+
+    /// Resolves every named target once; a failed lookup keeps that target's
+    /// previous addresses (serving stale beats serving nothing).
+    pub async fn resolve(&self) {
+        if !self.needs_dns() {
+            return;
+        }
+        let current = self.set.load_full();
+        let mut addrs = Vec::new();
+        for (ti, t) in self.targets.iter().enumerate() {
+            if let Some(a) = t.fixed {
+                addrs.push((a, ti));
+                continue;
+            }
+            match tokio::net::lookup_host((t.host.as_str(), t.port)).await {
+                Ok(found) => {
+                    let mut found: Vec<SocketAddr> = found.collect();
+                    found.sort();
+                    found.dedup();
+                    addrs.extend(found.into_iter().map(|a| (a, ti)));
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %self.name, target = %t.authority, error = %e, "DNS lookup failed; keeping previous addresses");
+                    for ep in current
+                        .endpoints
+                        .iter()
+                        .filter(|ep| *ep.target == *t.authority)
+                    {
+                        addrs.push((ep.addr, ti));
+                    }
+                }
+            }
+        }
+        let unchanged = addrs.len() == current.endpoints.len()
+            && addrs
+                .iter()
+                .zip(current.endpoints.iter())
+                .all(|((a, ti), e)| *a == e.addr && *e.target == *self.targets[*ti].authority);
+        if !unchanged {
+            self.install(&addrs, None);
+        }
+    }
+
+    /// Starts the background work of this upstream once: DNS refresh, active
+    /// health checks and idle-connection eviction. Tasks hold a weak reference
+    /// and end when the upstream is dropped (after a reload removed it).
+    pub fn start(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if self.needs_dns() {
+            let weak = Arc::downgrade(self);
+            let every = self.resolve_interval.max(Duration::from_secs(1));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(up) = weak.upgrade() else { break };
+                    up.resolve().await;
+                }
+            });
+        }
+        if let Some(check) = self.active.clone() {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(run_active_checks(weak, check));
+        }
+        let weak = Arc::downgrade(self);
+        let every = (self.spec.pool.idle_timeout.0 / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(up) = weak.upgrade() else { break };
+                for e in up.set.load().endpoints.iter() {
+                    e.pool.evict_expired();
+                }
+            }
+        });
+    }
+
+    /// Derives the hash key for consistent hashing, if this upstream uses it.
+    pub fn hash_of(
+        &self,
+        parts: &http::request::Parts,
+        client_ip: std::net::IpAddr,
+    ) -> Option<u64> {
+        use balance::hash_bytes;
+        match self.hash_key.as_ref()? {
+            HashKey::Header(name) => parts.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
+            HashKey::Cookie(name) => parts
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == name).then(|| hash_bytes(v.as_bytes()))
+                }),
+            HashKey::ClientIp => Some(match client_ip {
+                std::net::IpAddr::V4(a) => hash_bytes(&a.octets()),
+                std::net::IpAddr::V6(a) => hash_bytes(&a.octets()),
+            }),
+            HashKey::Path => Some(hash_bytes(parts.uri.path().as_bytes())),
+        }
+    }
+}
+
+async fn run_active_checks(weak: Weak<Upstream>, check: ActiveCheck) {
+    loop {
+        let Some(up) = weak.upgrade() else { break };
+        let set = up.set.load_full();
+        let name = up.name.clone();
+        drop(up);
+        let mut probes = Vec::with_capacity(set.endpoints.len());
+        for ep in set.endpoints.iter() {
+            let ep = ep.clone();
+            let check = check.clone();
+            probes.push(tokio::spawn(async move {
+                let ok = check.probe(&ep).await;
+                if ep.health.record_probe(ok, check.healthy_threshold, check.unhealthy_threshold) {
+                    tracing::info!(target = %ep.addr, healthy = ok, "active health check changed target state");
+                }
+            }));
+        }
+        for p in probes {
+            let _ = p.await;
+        }
+        drop(set);
+        tracing::trace!(upstream = %name, "health checks done");
+        tokio::time::sleep(check.interval).await;
+    }
+}
