@@ -1,0 +1,31 @@
+//! Integration tests: real traffic through a real gateway on loopback.
+
+mod support;
+
+mod smoke {
+    use super::support::{client, gateway, simple_config, upstream};
+
+    #[tokio::test]
+    async fn proxies_to_an_upstream() {
+        let up = upstream::fixed(200, "hello").await;
+        let gw = gateway(&simple_config(
+            &[up.addr],
+            "",
+            "  - name: all\n    action: {proxy: {upstream: up}}\n",
+        ))
+        .await;
+        let r = client::get(&gw.url("/anything")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "hello");
+        assert!(r.header("x-request-id").is_some());
+        assert_eq!(up.hits(), 1);
+    }
+}
+
+mod balancing;
+mod config_cli;
+mod proxying;
+mod resilience;
+mod routing;
+mod streaming;
+mod upgrades;
