@@ -110,7 +110,7 @@ pub struct GatewayError {
     message: Cow<'static, str>,
     cause: Option<BoxError>,
     /// Extra response headers (e.g. `Retry-After`, `WWW-Authenticate`).
-    headers: Option<HeaderMap>,
+    headers: Option<Box<HeaderMap>>,
 }
 
 impl GatewayError {
@@ -130,7 +130,7 @@ impl GatewayError {
 
     pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
         self.headers
-            .get_or_insert_with(HeaderMap::new)
+            .get_or_insert_with(Default::default)
             .append(name, value);
         self
     }
@@ -180,7 +180,7 @@ impl GatewayError {
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(extra) = &self.headers {
-            for (k, v) in extra {
+            for (k, v) in extra.iter() {
                 h.append(k, v.clone());
             }
         }

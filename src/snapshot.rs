@@ -321,7 +321,7 @@ fn compile_upstream(
             "needs base_ejection > 0 and max_ejection >= base_ejection",
         );
     }
-    let active = u.health_check.as_ref().and_then(|h| {
+    let active = u.health_check.as_ref().map(|h| {
         let hp = format!("{p}.health_check");
         if !h.path.starts_with('/') {
             c.err(format!("{hp}.path"), "must start with `/`");
@@ -333,7 +333,7 @@ fn compile_upstream(
             c.err(format!("{hp}.timeout"), "must be greater than 0");
         }
         if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
-            c.err(format!("{hp}"), "thresholds must be at least 1");
+            c.err(hp.clone(), "thresholds must be at least 1");
         }
         let mut expected = Vec::new();
         for (k, s) in h.expected_status.iter().enumerate() {
@@ -353,7 +353,7 @@ fn compile_upstream(
                 ),
             }
         }
-        Some(ActiveCheck {
+        ActiveCheck {
             path: h.path.clone(),
             host: h.host.clone(),
             interval: h.interval.0,
@@ -361,7 +361,7 @@ fn compile_upstream(
             healthy_threshold: h.healthy_threshold.max(1),
             unhealthy_threshold: h.unhealthy_threshold.max(1),
             expected,
-        })
+        }
     });
     if c.errors.len() > before {
         return None;

@@ -112,8 +112,15 @@ pub fn parse_str(
             message,
         }])
     };
-    let text = interpolate::interpolate(text, env)
-        .map_err(|(line, col, msg)| one(line, col, String::new(), msg))?;
+    let text = interpolate::interpolate(text, &env).map_err(|(line, col, msg)| {
+        // Name the key holding the bad reference: index the text as it would
+        // read with every variable set (interpolation keeps line numbers).
+        let lenient = interpolate::interpolate(text, |_| Some(String::new()));
+        let path = Positions::index(lenient.as_deref().unwrap_or(text))
+            .path_at(line, col)
+            .unwrap_or_default();
+        one(line, col, path, msg)
+    })?;
     let positions = Positions::index(&text);
     let config: Config = match serde_yaml::from_str(&text) {
         Ok(c) => c,
@@ -125,10 +132,22 @@ pub fn parse_str(
             if let Some(cut) = message.find(" at line ") {
                 message.truncate(cut);
             }
-            let (path, message) = match message.split_once(": ") {
+            let (mut path, message) = match message.split_once(": ") {
                 Some((p, m)) if !p.contains(' ') && !p.is_empty() => (p.to_string(), m.to_string()),
                 _ => (String::new(), message),
             };
+            // serde names the mapping that holds an unknown key; the key
+            // itself is the more useful path (`routes[0].match.pth`).
+            if let Some((field, _)) = message
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split_once('`'))
+            {
+                path = if path.is_empty() {
+                    field.to_string()
+                } else {
+                    format!("{path}.{field}")
+                };
+            }
             return Err(one(line, column, path, message));
         }
     };
@@ -176,6 +195,17 @@ mod tests {
         assert_eq!(e.line, 5, "{e}");
         assert_eq!(e.path, "upstreams[0].timeouts.connect");
         assert!(e.message.contains("unknown unit"), "{e}");
+    }
+
+    #[test]
+    fn missing_variable_names_its_key() {
+        let err = parse("listeners:\n  - name: main\n    address: ${NOPE}\n").unwrap_err();
+        let e = &err.0[0];
+        assert_eq!((e.line, e.column), (3, 14), "{e}");
+        assert_eq!(e.path, "listeners[0].address", "{e}");
+        let err =
+            parse("upstreams:\n  - name: u\n    targets: [{address: '${H}:80'}]\n").unwrap_err();
+        assert_eq!(err.0[0].path, "upstreams[0].targets[0].address", "{}", err);
     }
 
     #[test]

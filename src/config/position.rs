@@ -117,6 +117,16 @@ impl Positions {
         Positions { map: b.out }
     }
 
+    /// The key path that starts last at or before `line`:`column` (the key
+    /// whose value holds that position, in the common case).
+    pub fn path_at(&self, line: usize, column: usize) -> Option<String> {
+        self.map
+            .iter()
+            .filter(|(_, pos)| **pos <= (line, column))
+            .max_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.len().cmp(&b.0.len())))
+            .map(|(p, _)| p.clone())
+    }
+
     /// The position of `path`, or of its nearest ancestor that has one.
     pub fn find(&self, path: &str) -> Option<(usize, usize)> {
         let mut p = path;

@@ -56,7 +56,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     h.remove(header::PROXY_AUTHENTICATE);
     h.remove(header::PROXY_AUTHORIZATION);
     h.remove(header::TRANSFER_ENCODING);
-    h.remove(header::TRAILER);
+    // `Trailer` is end to end (RFC 9110 §6.6.2), not hop-by-hop: it declares
+    // the trailer fields, and hyper only sends the trailers it names.
     if !keep_upgrade {
         h.remove(header::UPGRADE);
     }
@@ -100,6 +101,22 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &CidrSet) -> IpAddr
     peer
 }
 
+/// Every line of a list-valued header, joined with `, ` (a chain may come
+/// as several header lines); `None` when absent.
+fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in h.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+        match &mut out {
+            Some(s) => {
+                s.push_str(", ");
+                s.push_str(v);
+            }
+            None => out = Some(v.to_string()),
+        }
+    }
+    out
+}
+
 /// Sets the forwarded headers for the upstream request.
 pub fn set_forwarded(
     h: &mut HeaderMap,
@@ -113,11 +130,7 @@ pub fn set_forwarded(
     let mut buf = String::with_capacity(64);
 
     // X-Forwarded-For: append to a trusted chain, else start a new one.
-    match h
-        .get(&X_FORWARDED_FOR)
-        .filter(|_| peer_trusted)
-        .and_then(|v| v.to_str().ok())
-    {
+    match peer_trusted.then(|| joined(h, &X_FORWARDED_FOR)).flatten() {
         Some(prev) => {
             let _ = write!(buf, "{prev}, {peer}");
         }
@@ -145,7 +158,7 @@ pub fn set_forwarded(
     // Forwarded (RFC 7239).
     buf.clear();
     if peer_trusted {
-        if let Some(prev) = h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        if let Some(prev) = joined(h, &header::FORWARDED) {
             let _ = write!(buf, "{prev}, ");
         }
     }
@@ -159,9 +172,11 @@ pub fn set_forwarded(
     }
     let _ = write!(buf, ";proto={proto}");
     if let Some(host) = host.and_then(|v| v.to_str().ok()) {
+        // A token (RFC 7239 §4) has no `:`, `[` or `]`: a port or an IPv6
+        // literal makes it a quoted string.
         if host
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
         {
             let _ = write!(buf, ";host={host}");
         } else {

@@ -171,8 +171,10 @@ pub fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rank {
     pub priority: i32,
-    /// 2 exact host, 1 wildcard, 0 any.
-    pub host: u8,
+    /// Host specificity: [`HOST_EXACT`] for an exact name, `1 + suffix
+    /// length` for a `*.suffix` wildcard (of two wildcards that match the same
+    /// name, the longer suffix is the more specific), 0 for any host.
+    pub host: u16,
     /// Path specificity: one code per segment (see [`path`]).
     pub path: Box<[u8]>,
     pub conditions: u16,
@@ -215,6 +217,18 @@ pub struct RoutePath {
     pub pattern: path::Pattern,
 }
 
+/// [`Rank::host`] of an exact host name.
+pub const HOST_EXACT: u16 = u16::MAX;
+
+/// [`Rank::host`] of one configured host (`name` or `*.suffix`).
+fn host_rank(host: &str) -> u16 {
+    match host.strip_prefix('*') {
+        // Host names are at most 253 bytes; clamp anything longer below HOST_EXACT.
+        Some(suffix) => 1 + suffix.len().min(usize::from(HOST_EXACT) - 2) as u16,
+        None => HOST_EXACT,
+    }
+}
+
 #[derive(Default)]
 pub struct RouterBuilder {
     entries: Vec<RouteEntry>,
@@ -233,21 +247,15 @@ impl RouterBuilder {
         conditions: Conditions,
     ) {
         let index = self.entries.len();
-        let host_rank = if hosts.is_empty() {
-            0
-        } else if hosts.iter().all(|h| !h.starts_with("*.")) {
-            2
-        } else {
-            1
-        };
         let rank = Rank {
             priority,
-            host: host_rank,
+            // Replaced per host below; this is the route's best host rank.
+            host: hosts.iter().map(|h| host_rank(h)).max().unwrap_or(0),
             path: pattern.rank(),
             conditions: conditions.count() as u16,
         };
         self.entries.push(RouteEntry { rank, conditions });
-        let entry_rank = |host: u8| -> Rank {
+        let entry_rank = |host: u16| -> Rank {
             let mut r = self.entries[index].rank.clone();
             r.host = host;
             r
@@ -259,13 +267,13 @@ impl RouterBuilder {
         for h in hosts {
             let h = h.to_ascii_lowercase();
             if let Some(suffix) = h.strip_prefix('*') {
-                let r = entry_rank(1);
+                let r = entry_rank(host_rank(&h));
                 self.wildcard
                     .entry(suffix.into())
                     .or_default()
                     .insert(pattern, index, r);
             } else {
-                let r = entry_rank(2);
+                let r = entry_rank(HOST_EXACT);
                 self.exact
                     .entry(h.into())
                     .or_default()
@@ -308,10 +316,9 @@ impl Router {
         }
         for (suffix, t) in &self.wildcard {
             // `*.example.com` matches any name that ends in `.example.com`.
-            if req.host.len() > suffix.len() && req.host.ends_with(&**suffix) {
-                if t.could_beat(&best) {
-                    t.find(req.path, &accept, &mut best);
-                }
+            if req.host.len() > suffix.len() && req.host.ends_with(&**suffix) && t.could_beat(&best)
+            {
+                t.find(req.path, &accept, &mut best);
             }
         }
         if self.any.could_beat(&best) {

@@ -185,7 +185,7 @@ impl Lease {
         let body_done = self
             .request_done
             .as_ref()
-            .map_or(true, |d| d.load(Ordering::Acquire));
+            .is_none_or(|d| d.load(Ordering::Acquire));
         if let Some(tx) = self.tx.take() {
             if self.reusable && body_done {
                 self.ep.pool.put(tx);

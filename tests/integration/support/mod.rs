@@ -10,6 +10,9 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod conn;
+pub mod live;
+pub mod traffic;
 pub mod upstream;
 
 use portico::server::Running;
