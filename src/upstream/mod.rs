@@ -294,3 +294,80 @@ async fn run_active_checks(weak: Weak<Upstream>, check: ActiveCheck) {
         tokio::time::sleep(check.interval).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+    use crate::snapshot::compile;
+
+    fn cfg(targets: &[&str], extra: &str) -> String {
+        let t: String = targets
+            .iter()
+            .map(|a| format!("      - address: {a}\n"))
+            .collect();
+        format!(
+            "listeners:\n  - name: main\n    address: 127.0.0.1:0\nupstreams:\n  - name: up\n    targets:\n{t}{extra}routes:\n  - name: r\n    action: {{proxy: {{upstream: up}}}}\n"
+        )
+    }
+
+    fn snapshot(text: &str, prev: Option<&crate::snapshot::Snapshot>) -> crate::snapshot::Snapshot {
+        let loaded = parse_str("t.yaml", text, |_| None).unwrap();
+        compile(&loaded, prev).unwrap()
+    }
+
+    #[test]
+    fn unchanged_upstream_is_reused_across_reloads() {
+        let a = snapshot(&cfg(&["127.0.0.1:1001", "127.0.0.1:1002"], ""), None);
+        let b = snapshot(&cfg(&["127.0.0.1:1001", "127.0.0.1:1002"], ""), Some(&a));
+        assert!(Arc::ptr_eq(&a.upstreams["up"], &b.upstreams["up"]));
+    }
+
+    #[test]
+    fn target_change_keeps_endpoints_of_unchanged_addresses() {
+        let a = snapshot(&cfg(&["127.0.0.1:1001", "127.0.0.1:1002"], ""), None);
+        let b = snapshot(&cfg(&["127.0.0.1:1001", "127.0.0.1:1003"], ""), Some(&a));
+        let (ua, ub) = (&a.upstreams["up"], &b.upstreams["up"]);
+        assert!(!Arc::ptr_eq(ua, ub));
+        let (sa, sb) = (ua.set.load(), ub.set.load());
+        let kept = sb.endpoints.iter().find(|e| e.addr.port() == 1001).unwrap();
+        assert!(
+            Arc::ptr_eq(kept, &sa.endpoints[0]),
+            "pool and health of 1001 survive"
+        );
+        let fresh = sb.endpoints.iter().find(|e| e.addr.port() == 1003).unwrap();
+        assert!(!sa.endpoints.iter().any(|e| Arc::ptr_eq(e, fresh)));
+        assert_eq!(sb.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn changed_pool_settings_start_fresh_endpoints() {
+        let a = snapshot(&cfg(&["127.0.0.1:1001"], ""), None);
+        let b = snapshot(
+            &cfg(&["127.0.0.1:1001"], "    pool: {max_idle: 3}\n"),
+            Some(&a),
+        );
+        let (sa, sb) = (a.upstreams["up"].set.load(), b.upstreams["up"].set.load());
+        assert!(!Arc::ptr_eq(&sa.endpoints[0], &sb.endpoints[0]));
+    }
+
+    #[tokio::test]
+    async fn hostname_targets_resolve_and_re_resolve_without_churn() {
+        let s = snapshot(&cfg(&["localhost:1004"], ""), None);
+        let up = &s.upstreams["up"];
+        assert!(up.set.load().endpoints.is_empty(), "names wait for DNS");
+        up.resolve().await;
+        let first = up.set.load_full();
+        assert!(!first.endpoints.is_empty());
+        assert!(first
+            .endpoints
+            .iter()
+            .all(|e| e.addr.ip().is_loopback() && e.addr.port() == 1004));
+        up.resolve().await;
+        let second = up.set.load_full();
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "unchanged answers keep the same set"
+        );
+    }
+}
