@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::Notify;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::time::Sleep;
@@ -26,10 +27,40 @@ pub enum Body {
     /// connection is only reused once the request was fully written.
     Request {
         inner: Incoming,
-        done: Arc<AtomicBool>,
+        done: Arc<BodyDone>,
     },
     /// An upstream response body streamed to the client.
     Response(ResponseBody),
+}
+
+/// Set once a request body has been read to its end (and so fully handed to
+/// the upstream connection); awaitable.
+#[derive(Default)]
+pub struct BodyDone {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl BodyDone {
+    pub fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    pub async fn wait(&self) {
+        loop {
+            // Registered before the check, so a `set` in between is not lost.
+            let notified = self.notify.notified();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 pub struct ResponseBody {
@@ -100,10 +131,8 @@ impl http_body::Body for Body {
             Body::Request { inner, done } => {
                 let r = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 match &r {
-                    None => done.store(true, Ordering::Release),
-                    Some(Ok(f)) if f.is_trailers() || inner.is_end_stream() => {
-                        done.store(true, Ordering::Release)
-                    }
+                    None => done.set(),
+                    Some(Ok(f)) if f.is_trailers() || inner.is_end_stream() => done.set(),
                     _ => {}
                 }
                 Poll::Ready(r.map(|r| r.map_err(Into::into)))

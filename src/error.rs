@@ -40,8 +40,6 @@ pub enum ErrorKind {
     RouteNotFound,
     /// The request is malformed.
     BadRequest,
-    /// The request body is larger than allowed.
-    PayloadTooLarge,
     /// Connecting to the target failed (refused, unreachable, connect timeout).
     UpstreamUnreachable,
     /// The target closed or broke the exchange, or answered with invalid HTTP.
@@ -59,7 +57,6 @@ impl ErrorKind {
         match self {
             ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
@@ -72,7 +69,6 @@ impl ErrorKind {
         match self {
             ErrorKind::RouteNotFound => "route_not_found",
             ErrorKind::BadRequest => "bad_request",
-            ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamProtocol => "upstream_protocol_error",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
@@ -83,7 +79,7 @@ impl ErrorKind {
 
     pub fn source(self) -> ErrorSource {
         match self {
-            ErrorKind::RouteNotFound | ErrorKind::BadRequest | ErrorKind::PayloadTooLarge => {
+            ErrorKind::RouteNotFound | ErrorKind::BadRequest => {
                 ErrorSource::Client
             }
             ErrorKind::UpstreamUnreachable

@@ -132,6 +132,9 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
                 Err(e) => c.err(format!("{p}.trusted_proxies[{j}]"), e),
             }
         }
+        if l.header_read_timeout.0.is_zero() {
+            c.err(format!("{p}.header_read_timeout"), "must be greater than 0");
+        }
         if l.max_header_bytes.0 < 8192 {
             c.err(format!("{p}.max_header_bytes"), "must be at least 8KiB");
         }
@@ -729,6 +732,10 @@ fn compile_action(
                 }
                 let t = rw.path.as_deref().unwrap_or("/");
                 let names: Vec<&str> = params.iter().map(String::as_str).collect();
+                if t.contains(['?', '#']) {
+                    c.err(format!("{pp}.rewrite.path"), "a path template cannot contain `?` or `#` (the client's query is kept as it is)");
+                    return None;
+                }
                 match parse_template(t, &names) {
                     Ok(pieces) => Some(Rewrite::Template(pieces)),
                     Err(e) => {
@@ -755,6 +762,12 @@ fn compile_action(
             let retries = px.retries.as_ref().unwrap_or(&up.spec.retries);
             if let Some(r) = &px.retries {
                 check_retries(c, &format!("{pp}.retries"), r);
+                if r.budget != model::RetryBudget::default() {
+                    c.err(
+                        format!("{pp}.retries.budget"),
+                        format!("the retry budget is shared by every route of an upstream: set it on upstream `{}` (upstreams[].retries.budget)", px.upstream),
+                    );
+                }
             }
             Some(Action::Proxy(ProxyAction {
                 upstream: up.clone(),

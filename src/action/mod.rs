@@ -2,13 +2,15 @@
 //!
 //! - `proxy`: forward to an upstream ([`crate::proxy`]).
 //! - `respond`: a fixed response (health endpoints, maintenance pages, mocks).
-//! - `echo`: answer with the request as received (debugging gateway config,
-//!   and a stand-in upstream for the quickstart).
+//! - `echo`: answer with the request as an upstream of this route would
+//!   receive it (hop-by-hop headers removed, forwarded headers and
+//!   `x-request-id` set): for debugging gateway config, and as a stand-in
+//!   upstream in the quickstart.
 
 use crate::body::Body;
 use crate::error::{ErrorKind, GatewayError};
 use crate::policy::Ctx;
-use crate::proxy::ProxyAction;
+use crate::proxy::{forward, ProxyAction, X_REQUEST_ID};
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -65,7 +67,13 @@ const ECHO_BODY_LIMIT: usize = 64 * 1024;
 
 impl Echo {
     async fn echo(&self, req: Request<Body>, ctx: &Ctx) -> Result<Response<Body>, GatewayError> {
-        let (parts, mut body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
+        // Show the request as an upstream of this route would receive it.
+        let h = &mut parts.headers;
+        forward::strip_hop_by_hop(h, false);
+        h.remove(http::header::EXPECT);
+        forward::set_forwarded(h, ctx.peer.ip(), ctx.peer_trusted, ctx.tls, ctx.host_header.as_ref());
+        h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
         let mut kept = Vec::new();
         let mut total: u64 = 0;
         while let Some(frame) = body.frame().await {

@@ -206,6 +206,9 @@ mod tests {
         let err =
             parse("upstreams:\n  - name: u\n    targets: [{address: '${H}:80'}]\n").unwrap_err();
         assert_eq!(err.0[0].path, "upstreams[0].targets[0].address", "{}", err);
+        let err = parse("upstreams:\n  - name: u\n    targets:\n      - address: \"${H}:80\"\n")
+            .unwrap_err();
+        assert_eq!(err.0[0].path, "upstreams[0].targets[0].address", "{}", err);
     }
 
     #[test]

@@ -117,13 +117,15 @@ impl Positions {
         Positions { map: b.out }
     }
 
-    /// The key path that starts last at or before `line`:`column` (the key
-    /// whose value holds that position, in the common case).
+    /// The key path whose value holds `line`:`column`, in the common case:
+    /// the deepest path starting on the last line at or before it (block
+    /// collections are marked late, so depth beats column on one line).
     pub fn path_at(&self, line: usize, column: usize) -> Option<String> {
+        let depth = |p: &str| p.matches(['.', '[']).count();
         self.map
             .iter()
             .filter(|(_, pos)| **pos <= (line, column))
-            .max_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.len().cmp(&b.0.len())))
+            .max_by_key(|(p, pos)| (pos.0, depth(p), pos.1))
             .map(|(p, _)| p.clone())
     }
 

@@ -15,7 +15,7 @@
 pub mod forward;
 pub mod rewrite;
 
-use crate::body::Body;
+use crate::body::{Body, BodyDone};
 use crate::error::{ErrorKind, GatewayError};
 use crate::policy::Ctx;
 use crate::rand::fast_u64;
@@ -26,11 +26,29 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use rewrite::Rewrite;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Upgraded connections (WebSocket tunnels) being spliced right now, in this
+/// process. Shutdown waits for them during the drain period.
+pub static TUNNELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct TunnelGuard;
+
+impl TunnelGuard {
+    fn new() -> TunnelGuard {
+        TUNNELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TunnelGuard
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        TUNNELS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Free re-sends when a pooled connection closed before our request was
 /// written (the keep-alive race); these do not use the retry budget.
@@ -183,7 +201,7 @@ impl ProxyAction {
         let (body, done) = match body {
             Body::Incoming(inc) if http_body::Body::is_end_stream(&inc) => (Body::Empty, None),
             Body::Incoming(inc) => {
-                let done = Arc::new(AtomicBool::new(false));
+                let done = Arc::new(BodyDone::default());
                 (
                     Body::Request {
                         inner: inc,
@@ -227,7 +245,7 @@ impl ProxyAction {
         &self,
         mut out: Outgoing,
         mut body: Body,
-        done: Option<Arc<AtomicBool>>,
+        done: Option<Arc<BodyDone>>,
         key: Option<u64>,
         replayable: bool,
         upgrade: bool,
@@ -277,29 +295,44 @@ impl ProxyAction {
             let req = out.into_request(body, &ep, &self.host);
             let started = Instant::now();
             let sending = lease.sender().try_send_request(req);
-            let result = match self.timeouts.response_header {
-                Some(t) => match tokio::time::timeout(t, sending).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        ep.health.record_failure(&up.outlier);
-                        drop(lease);
-                        if let Some(s) = spare {
-                            if retry.on_timeout && can_retry(attempt) {
-                                attempt += 1;
-                                excluded.push(index);
-                                out = s;
-                                body = Body::Empty;
-                                retry.backoff(attempt).await;
-                                continue;
-                            }
-                        }
-                        return Err(GatewayError::new(
-                            ErrorKind::UpstreamTimeout,
-                            format!("upstream `{}` did not answer within {:?}", up.name, t),
-                        ));
+            // The response-header timeout starts once the request is fully
+            // sent: a long upload is not a slow upstream.
+            let waited = match (self.timeouts.response_header, &done) {
+                (Some(t), None) => tokio::time::timeout(t, sending).await.ok(),
+                (Some(t), Some(d)) => {
+                    let d = d.clone();
+                    let timer = async move {
+                        d.wait().await;
+                        tokio::time::sleep(t).await
+                    };
+                    tokio::select! {
+                        r = sending => Some(r),
+                        _ = timer => None,
                     }
-                },
-                None => sending.await,
+                }
+                (None, _) => Some(sending.await),
+            };
+            let result = match waited {
+                Some(r) => r,
+                None => {
+                    ep.health.record_failure(&up.outlier);
+                    drop(lease);
+                    if let Some(s) = spare {
+                        if retry.on_timeout && can_retry(attempt) {
+                            attempt += 1;
+                            excluded.push(index);
+                            out = s;
+                            body = Body::Empty;
+                            retry.backoff(attempt).await;
+                            continue;
+                        }
+                    }
+                    let t = self.timeouts.response_header.unwrap_or_default();
+                    return Err(GatewayError::new(
+                        ErrorKind::UpstreamTimeout,
+                        format!("upstream `{}` did not answer within {:?}", up.name, t),
+                    ));
+                }
             };
 
             let resp = match result {
@@ -397,6 +430,7 @@ async fn splice(
     upstream: hyper::upgrade::OnUpgrade,
     lease: Lease,
 ) {
+    let _tunnel = TunnelGuard::new();
     let (c, u) = tokio::join!(client, upstream);
     match (c, u) {
         (Ok(c), Ok(u)) => {

@@ -223,7 +223,6 @@ impl PathTable {
             None if pattern.prefix => &mut node.prefix,
             None => &mut node.ends,
         };
-        // `map_or`, not `is_none_or`: the MSRV (1.80) predates it.
         if self.max.as_ref().is_none_or(|m| rank > *m) {
             self.max = Some(rank.clone());
         }

@@ -75,7 +75,10 @@ impl Running {
     pub async fn shutdown(&self, drain: Duration) {
         let _ = self.shared.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + drain;
-        while self.shared.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        let busy = || {
+            self.shared.open_connections() + crate::proxy::TUNNELS.load(Ordering::Relaxed) > 0
+        };
+        while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

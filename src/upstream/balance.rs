@@ -87,9 +87,23 @@ impl Balancer {
             Balancer::RoundRobin { schedule, cursor } => {
                 let n = schedule.len();
                 let start = cursor.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|k| schedule[(start + k) % n] as usize)
-                    .find(|&i| ok(i))
+                let first = schedule[start % n] as usize;
+                if ok(first) {
+                    Some(first)
+                } else {
+                    // Spread an unavailable slot's share over the others by
+                    // weight (random slots), instead of handing all of it to
+                    // the next slot's endpoint, which would double its load.
+                    (0..8)
+                        .map(|_| schedule[fast_u64() as usize % n] as usize)
+                        .find(|&i| ok(i))
+                        .or_else(|| {
+                            let r = fast_u64() as usize;
+                            (0..n)
+                                .map(|k| schedule[(r + k) % n] as usize)
+                                .find(|&i| ok(i))
+                        })
+                }
             }
             Balancer::Random { cumulative } => {
                 let total = *cumulative.last().unwrap_or(&1);
@@ -239,6 +253,22 @@ mod tests {
         // Only the excluded one left: still better than nothing.
         let one = &e[1..2];
         assert_eq!(Balancer::round_robin(one).pick(one, None, &[0]), Some(0));
+    }
+
+    #[test]
+    fn round_robin_spreads_a_skipped_share_by_weight() {
+        let e = eps(&[1, 1, 1, 1]);
+        let b = Balancer::round_robin(&e);
+        let mut counts = [0usize; 4];
+        for _ in 0..12_000 {
+            counts[b.pick(&e, None, &[0]).unwrap()] += 1;
+        }
+        assert_eq!(counts[0], 0);
+        // 3000 in turn each, plus a third of endpoint 0's 3000 (not all of it
+        // to endpoint 1).
+        for c in &counts[1..] {
+            assert!((3700..=4300).contains(c), "{counts:?}");
+        }
     }
 
     #[test]

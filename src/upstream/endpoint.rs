@@ -81,17 +81,48 @@ impl Load {
         self.stamp_ms.store(now, Ordering::Relaxed);
     }
 
+    /// The estimate, decayed by the time since the last sample (as in
+    /// Finagle's peak-EWMA): a target that was slow once is not shunned
+    /// forever, it becomes worth trying again and then measured afresh.
     pub fn latency_us(&self) -> f64 {
+        self.latency_us_at(crate::clock::now_ms())
+    }
+
+    fn latency_us_at(&self, now_ms: u64) -> f64 {
         let v = f64::from_bits(self.ewma_us.load(Ordering::Relaxed));
         if v == 0.0 {
-            DEFAULT_LATENCY_US
-        } else {
-            v
+            return DEFAULT_LATENCY_US;
         }
+        let dt = now_ms.saturating_sub(self.stamp_ms.load(Ordering::Relaxed));
+        v * (-(dt as f64) / EWMA_TAU_MS).exp()
     }
 
     /// Cost used by P2C: expected latency times the queue it would join.
     pub fn cost(&self, weight: u32) -> f64 {
         self.latency_us() * (self.in_flight() as f64 + 1.0) / weight.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_ewma_takes_peaks_and_decays_while_idle() {
+        let l = Load::default();
+        assert_eq!(l.latency_us(), DEFAULT_LATENCY_US);
+        l.observe(Duration::from_millis(200));
+        let peak = l.latency_us();
+        assert!(peak > 190_000.0 && peak <= 200_000.0, "{peak}");
+        // A faster sample right away barely moves a peak.
+        l.observe(Duration::from_millis(1));
+        assert!(l.latency_us() > 150_000.0, "{}", l.latency_us());
+        // Idle for a minute: the estimate has decayed below a fast target's.
+        let later = crate::clock::now_ms() + 60_000;
+        assert!(
+            l.latency_us_at(later) < 1_000.0,
+            "{}",
+            l.latency_us_at(later)
+        );
     }
 }

@@ -6,11 +6,10 @@
 //! — connection is reused first and stale ones age out at the bottom.
 
 use super::endpoint::Endpoint;
-use crate::body::Body;
+use crate::body::{Body, BodyDone};
 use crate::error::{ErrorKind, GatewayError};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -144,7 +143,7 @@ async fn connect(ep: &Endpoint, connect_timeout: Option<Duration>) -> Result<Sen
 pub struct Lease {
     tx: Option<Sender>,
     ep: Arc<Endpoint>,
-    request_done: Option<Arc<AtomicBool>>,
+    request_done: Option<Arc<BodyDone>>,
     reusable: bool,
 }
 
@@ -165,7 +164,7 @@ impl Lease {
 
     /// The connection may only be reused once this flag is set (the request
     /// body was fully sent).
-    pub fn track_request_body(&mut self, done: Arc<AtomicBool>) {
+    pub fn track_request_body(&mut self, done: Arc<BodyDone>) {
         self.request_done = Some(done);
     }
 
@@ -185,7 +184,7 @@ impl Lease {
         let body_done = self
             .request_done
             .as_ref()
-            .is_none_or(|d| d.load(Ordering::Acquire));
+            .is_none_or(|d| d.is_set());
         if let Some(tx) = self.tx.take() {
             if self.reusable && body_done {
                 self.ep.pool.put(tx);
