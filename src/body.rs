@@ -13,9 +13,9 @@ use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::sync::Notify;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 pub enum Body {

@@ -79,9 +79,7 @@ impl ErrorKind {
 
     pub fn source(self) -> ErrorSource {
         match self {
-            ErrorKind::RouteNotFound | ErrorKind::BadRequest => {
-                ErrorSource::Client
-            }
+            ErrorKind::RouteNotFound | ErrorKind::BadRequest => ErrorSource::Client,
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamProtocol
             | ErrorKind::UpstreamTimeout => ErrorSource::Upstream,

@@ -72,7 +72,13 @@ impl Echo {
         let h = &mut parts.headers;
         forward::strip_hop_by_hop(h, false);
         h.remove(http::header::EXPECT);
-        forward::set_forwarded(h, ctx.peer.ip(), ctx.peer_trusted, ctx.tls, ctx.host_header.as_ref());
+        forward::set_forwarded(
+            h,
+            ctx.peer.ip(),
+            ctx.peer_trusted,
+            ctx.tls,
+            ctx.host_header.as_ref(),
+        );
         h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
         let mut kept = Vec::new();
         let mut total: u64 = 0;

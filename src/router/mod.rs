@@ -73,32 +73,44 @@ impl Conditions {
         if !self.methods.is_empty() && !self.methods.contains(method) {
             return false;
         }
+        // `exact` holds only when every value of a repeated header or
+        // parameter equals it (other tests: when one value passes), so routes
+        // on different exact values stay exclusive even for `x-v: 1` plus
+        // `x-v: 2`, as the ambiguity check assumes.
         for (name, cond) in &self.headers {
+            let all = matches!(cond, ValueCond::Exact(_));
             let mut values = headers.get_all(name).iter().peekable();
+            let test = |v: &http::HeaderValue| cond.test(Some(v.to_str().unwrap_or("")));
             let ok = if values.peek().is_none() {
                 cond.test(None)
+            } else if all {
+                values.all(test)
             } else {
-                values.any(|v| cond.test(Some(v.to_str().unwrap_or(""))))
+                values.any(test)
             };
             if !ok {
                 return false;
             }
         }
         for (name, cond) in &self.query {
-            let mut found = false;
-            let mut ok = false;
+            let all = matches!(cond, ValueCond::Exact(_));
+            let mut seen = false;
+            let mut ok = all;
             for (k, v) in query_pairs(query.unwrap_or("")) {
                 if k == name.as_str() {
-                    found = true;
-                    if cond.test(Some(&v)) {
+                    seen = true;
+                    let pass = cond.test(Some(&v));
+                    if all && !pass {
+                        ok = false;
+                        break;
+                    }
+                    if !all && pass {
                         ok = true;
                         break;
                     }
                 }
             }
-            if !found {
-                ok = cond.test(None);
-            }
+            let ok = if seen { ok } else { cond.test(None) };
             if !ok {
                 return false;
             }
@@ -265,7 +277,7 @@ impl RouterBuilder {
             self.any.insert(pattern, index, r);
         }
         for h in hosts {
-            let h = h.to_ascii_lowercase();
+            let h = h.trim_end_matches('.').to_ascii_lowercase();
             if let Some(suffix) = h.strip_prefix('*') {
                 let r = entry_rank(host_rank(&h));
                 self.wildcard

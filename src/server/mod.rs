@@ -75,9 +75,8 @@ impl Running {
     pub async fn shutdown(&self, drain: Duration) {
         let _ = self.shared.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + drain;
-        let busy = || {
-            self.shared.open_connections() + crate::proxy::TUNNELS.load(Ordering::Relaxed) > 0
-        };
+        let busy =
+            || self.shared.open_connections() + crate::proxy::TUNNELS.load(Ordering::Relaxed) > 0;
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -199,7 +198,10 @@ async fn serve_connection(
     let svc_ctx = ctx.clone();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(service::handle(&ctx, req).await) }
+        // Boxed per request: hyper keeps the slot for a connection's
+        // request future for the connection's whole life, so an inline future
+        // (~5 KB) would cost every idle keep-alive connection that much.
+        Box::pin(async move { Ok::<_, Infallible>(service::handle(&ctx, req).await) })
     });
     let mut builder = http1::Builder::new();
     builder

@@ -179,3 +179,21 @@ mod tests {
         assert!(!valid_request_id(&HeaderValue::from_static("has space")));
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    /// The request future is allocated per request (see server::serve_connection)
+    /// and touched on every request: guard against it ballooning. Rare paths
+    /// (connecting) are boxed out of line.
+    #[test]
+    fn request_future_stays_small() {
+        fn size_of_future<A, B, F>(_: fn(A, B) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = size_of_future::<&'static super::ConnCtx, http::Request<hyper::body::Incoming>, _>(
+            super::handle,
+        );
+        eprintln!("handle future: {size} bytes");
+        assert!(size <= 6144, "request future grew to {size} bytes");
+    }
+}

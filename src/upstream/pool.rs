@@ -110,7 +110,9 @@ pub async fn checkout(
             }
         }
     }
-    let tx = connect(ep, connect_timeout).await?;
+    // Boxed: connecting is the rare path and its future is large; keeping it
+    // out of line keeps every request's (and idle connection's) state small.
+    let tx = Box::pin(connect(ep, connect_timeout)).await?;
     Ok(Lease::new(tx, ep.clone()))
 }
 
@@ -181,10 +183,7 @@ impl Lease {
 
     /// The exchange completed: the connection goes back to the pool if it can.
     pub fn release(mut self) {
-        let body_done = self
-            .request_done
-            .as_ref()
-            .is_none_or(|d| d.is_set());
+        let body_done = self.request_done.as_ref().is_none_or(|d| d.is_set());
         if let Some(tx) = self.tx.take() {
             if self.reusable && body_done {
                 self.ep.pool.put(tx);
