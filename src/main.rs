@@ -3,10 +3,6 @@
 
 use std::path::PathBuf;
 
-/// mimalloc: thread-local free lists suit the request path's many short-lived
-/// small allocations better than glibc malloc (measured in bench/RESULTS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 const USAGE: &str = "\
