@@ -847,3 +847,62 @@ fn check_ambiguity(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        let loaded = parse_str("t.yaml", text, |_| None).unwrap();
+        match compile(&loaded, None) {
+            Ok(_) => vec![],
+            Err(e) => e.0,
+        }
+    }
+
+    const BASE: &str = "listeners:\n  - name: main\n    address: 127.0.0.1:0\nupstreams:\n  - name: up\n    targets: [{address: '127.0.0.1:1'}]\n";
+
+    #[test]
+    fn route_level_retry_budget_is_rejected() {
+        let e = errors(&format!(
+            "{BASE}routes:\n  - name: r\n    action:\n      proxy:\n        upstream: up\n        retries: {{attempts: 1, budget: {{ratio: 0.5}}}}\n"
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "routes[0].action.proxy.retries.budget");
+        assert!(
+            e[0].message.contains("per upstream") || e[0].message.contains("shared"),
+            "{}",
+            e[0]
+        );
+    }
+
+    #[test]
+    fn zero_header_read_timeout_is_rejected() {
+        let e = errors(
+            "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    header_read_timeout: 0\n",
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.path == "listeners[0].header_read_timeout"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn rewrite_template_with_query_is_rejected() {
+        let e = errors(&format!(
+            "{BASE}routes:\n  - name: r\n    match: {{path: \"/u/{{id}}\"}}\n    action:\n      proxy: {{upstream: up, rewrite: {{path: \"/x/{{id}}?a=1\"}}}}\n"
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "routes[0].action.proxy.rewrite.path");
+    }
+
+    #[test]
+    fn a_valid_config_compiles() {
+        assert!(errors(&format!(
+            "{BASE}routes:\n  - name: r\n    action: {{proxy: {{upstream: up}}}}\n"
+        ))
+        .is_empty());
+    }
+}

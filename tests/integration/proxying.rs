@@ -655,6 +655,13 @@ async fn echo_action_describes_the_request() {
     assert_eq!(v["body_bytes"], 10);
     assert_eq!(v["client"], "127.0.0.1");
     assert_eq!(v["route"], "echo");
+    // As an upstream of this route would receive it.
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(v["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(
+        v["headers"]["x-request-id"],
+        r.header("x-request-id").unwrap()
+    );
 }
 
 #[tokio::test]

@@ -357,3 +357,42 @@ async fn request_trailers_reach_the_upstream() {
     assert_eq!(doc["body"], "part one, part two", "{doc}");
     assert_eq!(doc["checksum"], "abc123", "{doc}");
 }
+
+/// `timeouts.response_header` starts once the request has been fully sent:
+/// an upload that takes longer than it is not a slow upstream.
+#[tokio::test]
+async fn slow_upload_is_not_cut_by_the_response_header_timeout() {
+    let up = upstream::start(|req: Request<Incoming>| async move {
+        let n = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes().len())
+            .unwrap_or(0);
+        response(200, n.to_string())
+    })
+    .await;
+    let gw = gateway(&simple_config(
+        &[up.addr],
+        "    timeouts: {response_header: 200ms}\n",
+        "  - name: all\n    action: {proxy: {upstream: up}}\n",
+    ))
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let req = Request::post(gw.url("/upload"))
+        .body(stream_body(rx))
+        .unwrap();
+    let sending = tokio::spawn(send_streaming(gw.addr(), req));
+    // Three chunks, 150 ms apart: the upload lasts well past 200 ms.
+    for _ in 0..3 {
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 1000]))))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(tx);
+    let resp = guard("response", sending).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"3000");
+}
