@@ -312,32 +312,19 @@ impl ProxyAction {
                 }
                 (None, _) => Some(sending.await),
             };
-            let result = match waited {
-                Some(r) => r,
+            // Each outcome says whether the retry policy wants another
+            // attempt; whether one happens is decided once, below.
+            let (wanted, outcome) = match waited {
                 None => {
                     ep.health.record_failure(&up.outlier);
-                    drop(lease);
-                    if let Some(s) = spare {
-                        if retry.on_timeout && can_retry(attempt) {
-                            attempt += 1;
-                            excluded.push(index);
-                            out = s;
-                            body = Body::Empty;
-                            retry.backoff(attempt).await;
-                            continue;
-                        }
-                    }
                     let t = self.timeouts.response_header.unwrap_or_default();
-                    return Err(GatewayError::new(
+                    let e = GatewayError::new(
                         ErrorKind::UpstreamTimeout,
                         format!("upstream `{}` did not answer within {:?}", up.name, t),
-                    ));
+                    );
+                    (retry.on_timeout, Err(e))
                 }
-            };
-
-            let resp = match result {
-                Ok(r) => r,
-                Err(mut e) => {
+                Some(Err(mut e)) => {
                     if let Some(unsent) = e.take_message() {
                         // Never written: a pooled connection closed under us.
                         if resends < MAX_UNSENT_RESENDS {
@@ -354,45 +341,39 @@ impl ProxyAction {
                         }
                     }
                     ep.health.record_failure(&up.outlier);
-                    let err = e.into_error();
-                    if let Some(s) = spare {
-                        if retry.on_reset && can_retry(attempt) {
-                            attempt += 1;
-                            excluded.push(index);
-                            out = s;
-                            body = Body::Empty;
-                            retry.backoff(attempt).await;
-                            continue;
-                        }
-                    }
-                    return Err(GatewayError::new(
+                    let e = GatewayError::new(
                         ErrorKind::UpstreamProtocol,
                         format!("upstream `{}` failed the exchange", up.name),
                     )
-                    .with_cause(err));
+                    .with_cause(e.into_error());
+                    (retry.on_reset, Err(e))
+                }
+                Some(Ok(resp)) => {
+                    ep.load.observe(started.elapsed());
+                    let status = resp.status();
+                    if status.is_server_error() {
+                        ep.health.record_failure(&up.outlier);
+                    } else {
+                        ep.health.record_success(&up.outlier);
+                    }
+                    (retry.statuses.contains(&status.as_u16()), Ok(resp))
                 }
             };
-
-            ep.load.observe(started.elapsed());
-            let status = resp.status();
-            if status.is_server_error() {
-                ep.health.record_failure(&up.outlier);
-            } else {
-                ep.health.record_success(&up.outlier);
-            }
+            // Only a replayable request (one with a spare copy) is retried
+            // after it was sent.
             if let Some(s) = spare {
-                if retry.statuses.contains(&status.as_u16()) && can_retry(attempt) {
+                if wanted && can_retry(attempt) {
+                    drop(outcome);
+                    drop(lease);
                     attempt += 1;
                     excluded.push(index);
                     out = s;
                     body = Body::Empty;
-                    drop(resp);
-                    drop(lease);
                     retry.backoff(attempt).await;
                     continue;
                 }
             }
-            return Ok((resp, lease));
+            return outcome.map(|resp| (resp, lease));
         }
     }
 
