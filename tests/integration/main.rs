@@ -24,6 +24,7 @@ mod smoke {
 
 mod balancing;
 mod config_cli;
+mod lifecycle;
 mod proxying;
 mod resilience;
 mod routing;
