@@ -13,9 +13,9 @@ fn temp_config(name: &str, text: &str) -> PathBuf {
     path
 }
 
-async fn start_file(path: &PathBuf) -> TestGateway {
+async fn start_file(path: &std::path::Path) -> TestGateway {
     let snap = portico::load(path).unwrap_or_else(|e| panic!("{e}"));
-    let running = portico::server::start(snap, Some(path.clone()))
+    let running = portico::server::start(snap, Some(path.to_path_buf()))
         .await
         .unwrap();
     TestGateway { running }
