@@ -8,13 +8,14 @@
 use crate::error::BoxError;
 use crate::upstream::pool::Lease;
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
@@ -23,12 +24,10 @@ pub enum Body {
     Full(Option<Bytes>),
     /// A streamed body passed through untouched.
     Incoming(Incoming),
-    /// A client request body streamed upstream; flags `done` at its end so the
+    /// A client request body under the listener's (or route's) limits:
+    /// size and time between reads. Flags `done` at its end so the upstream
     /// connection is only reused once the request was fully written.
-    Request {
-        inner: Incoming,
-        done: Arc<BodyDone>,
-    },
+    Client(Box<ClientBody>),
     /// An upstream response body streamed to the client.
     Response(ResponseBody),
 }
@@ -60,6 +59,110 @@ impl BodyDone {
             }
             notified.await;
         }
+    }
+}
+
+/// Why a client body was cut short by the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// The body exceeded this many bytes.
+    TooLarge(u64),
+    /// No body data arrived for this long.
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge(n) => write!(f, "request body larger than {n} bytes"),
+            BodyError::Timeout(t) => write!(f, "no request body data for {t:?}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+impl BodyError {
+    /// Finds a `BodyError` in an error's source chain (e.g. inside the
+    /// upstream client's error when the body it was sending failed).
+    pub fn find<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
+        loop {
+            if let Some(b) = e.downcast_ref::<BodyError>() {
+                return Some(b);
+            }
+            e = e.source()?;
+        }
+    }
+}
+
+pub struct ClientBody {
+    inner: Incoming,
+    /// Bytes still allowed (`u64::MAX`: unlimited).
+    remaining: u64,
+    limit: u64,
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<Sleep>>>,
+    done: Option<Arc<BodyDone>>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, limit: u64, idle: Option<Duration>) -> ClientBody {
+        ClientBody {
+            inner,
+            remaining: limit,
+            limit,
+            idle,
+            timer: None,
+            done: None,
+        }
+    }
+
+    /// Sets `done` once the body has been read to its end.
+    pub fn track(&mut self, done: Arc<BodyDone>) {
+        self.done = Some(done);
+    }
+
+    fn finish(&self) {
+        if let Some(d) = &self.done {
+            d.set();
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => {
+                if let Some(idle) = self.idle {
+                    let timer = self
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(BodyError::Timeout(idle).into())));
+                    }
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(r) => r,
+        };
+        match &r {
+            None => self.finish(),
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    let n = data.len() as u64;
+                    if n > self.remaining {
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit).into())));
+                    }
+                    self.remaining -= n;
+                }
+                if f.is_trailers() || self.inner.is_end_stream() {
+                    self.finish();
+                }
+                if let (Some(idle), Some(t)) = (self.idle, self.timer.as_mut()) {
+                    t.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
+            Some(Err(_)) => {}
+        }
+        Poll::Ready(r.map(|r| r.map_err(Into::into)))
     }
 }
 
@@ -128,15 +231,7 @@ impl http_body::Body for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
-            Body::Request { inner, done } => {
-                let r = ready!(Pin::new(&mut *inner).poll_frame(cx));
-                match &r {
-                    None => done.set(),
-                    Some(Ok(f)) if f.is_trailers() || inner.is_end_stream() => done.set(),
-                    _ => {}
-                }
-                Poll::Ready(r.map(|r| r.map_err(Into::into)))
-            }
+            Body::Client(c) => c.poll_frame(cx),
             Body::Response(b) => {
                 if let Some(d) = b.deadline.as_mut() {
                     if d.as_mut().poll(cx).is_ready() {
@@ -169,7 +264,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
             Body::Incoming(i) => i.is_end_stream(),
-            Body::Request { inner, .. } => inner.is_end_stream(),
+            Body::Client(c) => c.inner.is_end_stream(),
             Body::Response(b) => b.inner.is_end_stream(),
         }
     }
@@ -179,7 +274,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Incoming(i) => i.size_hint(),
-            Body::Request { inner, .. } => inner.size_hint(),
+            Body::Client(c) => c.inner.size_hint(),
             Body::Response(b) => b.inner.size_hint(),
         }
     }

@@ -40,6 +40,12 @@ pub enum ErrorKind {
     RouteNotFound,
     /// The request is malformed.
     BadRequest,
+    /// The request body is larger than allowed.
+    PayloadTooLarge,
+    /// The request target is longer than allowed.
+    UriTooLong,
+    /// The client was too slow sending its request.
+    RequestTimeout,
     /// Connecting to the target failed (refused, unreachable, connect timeout).
     UpstreamUnreachable,
     /// The target closed or broke the exchange, or answered with invalid HTTP.
@@ -57,6 +63,9 @@ impl ErrorKind {
         match self {
             ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UriTooLong => StatusCode::URI_TOO_LONG,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
@@ -69,6 +78,9 @@ impl ErrorKind {
         match self {
             ErrorKind::RouteNotFound => "route_not_found",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::UriTooLong => "uri_too_long",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::UpstreamUnreachable => "upstream_unreachable",
             ErrorKind::UpstreamProtocol => "upstream_protocol_error",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
@@ -79,7 +91,11 @@ impl ErrorKind {
 
     pub fn source(self) -> ErrorSource {
         match self {
-            ErrorKind::RouteNotFound | ErrorKind::BadRequest => ErrorSource::Client,
+            ErrorKind::RouteNotFound
+            | ErrorKind::BadRequest
+            | ErrorKind::PayloadTooLarge
+            | ErrorKind::UriTooLong
+            | ErrorKind::RequestTimeout => ErrorSource::Client,
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamProtocol
             | ErrorKind::UpstreamTimeout => ErrorSource::Upstream,
@@ -127,6 +143,17 @@ impl GatewayError {
             .get_or_insert_with(Default::default)
             .append(name, value);
         self
+    }
+
+    /// The answer for a client body cut short by the gateway's limits; the
+    /// connection is closed, since the rest of the body was not read.
+    pub fn from_body(e: crate::body::BodyError) -> Self {
+        let kind = match e {
+            crate::body::BodyError::TooLarge(_) => ErrorKind::PayloadTooLarge,
+            crate::body::BodyError::Timeout(_) => ErrorKind::RequestTimeout,
+        };
+        GatewayError::new(kind, e.to_string())
+            .with_header(header::CONNECTION, HeaderValue::from_static("close"))
     }
 
     pub fn kind(&self) -> ErrorKind {

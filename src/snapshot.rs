@@ -33,11 +33,30 @@ pub struct ListenerSpec {
     pub trusted: Vec<Cidr>,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    /// `u64::MAX` when unlimited.
+    pub max_body_bytes: u64,
+    pub body_read_timeout: Option<Duration>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_connection_lifetime: Option<Duration>,
+}
+
+/// `0` (unlimited) as `u64::MAX`, so a limit is one comparison.
+fn limit(bytes: u64) -> u64 {
+    if bytes == 0 {
+        u64::MAX
+    } else {
+        bytes
+    }
 }
 
 /// A compiled route: an ordered policy chain and one action.
 pub struct Route {
     pub name: Arc<str>,
+    /// Overrides the listener's request body limit (`u64::MAX`: unlimited).
+    pub max_body_bytes: Option<u64>,
     pub policies: Vec<Box<dyn Policy>>,
     pub action: Action,
 }
@@ -52,6 +71,8 @@ pub struct ListenerRoutes {
 }
 
 pub struct Snapshot {
+    pub drain_timeout: Duration,
+    pub watch_config: bool,
     pub hash: u64,
     pub file: String,
     pub loaded_at: SystemTime,
@@ -119,7 +140,8 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
                 continue;
             }
         };
-        if !addrs.insert(addr) {
+        // Port 0 (any free port, for tests) may repeat.
+        if addr.port() != 0 && !addrs.insert(addr) {
             c.err(
                 format!("{p}.address"),
                 format!("address {addr} is used by another listener"),
@@ -135,6 +157,12 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         if l.header_read_timeout.0.is_zero() {
             c.err(format!("{p}.header_read_timeout"), "must be greater than 0");
         }
+        if l.max_headers == 0 {
+            c.err(format!("{p}.max_headers"), "must be at least 1");
+        }
+        if l.max_uri_bytes.0 < 64 {
+            c.err(format!("{p}.max_uri_bytes"), "must be at least 64B");
+        }
         if l.max_header_bytes.0 < 8192 {
             c.err(format!("{p}.max_header_bytes"), "must be at least 8KiB");
         }
@@ -144,6 +172,13 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             trusted,
             header_read_timeout: l.header_read_timeout.0,
             max_header_bytes: l.max_header_bytes.0 as usize,
+            max_headers: l.max_headers,
+            max_uri_bytes: l.max_uri_bytes.0 as usize,
+            max_body_bytes: limit(l.max_body_bytes.0),
+            body_read_timeout: opt_dur(Some(l.body_read_timeout), None),
+            max_connections: l.max_connections,
+            max_connections_per_ip: l.max_connections_per_ip,
+            max_connection_lifetime: opt_dur(Some(l.max_connection_lifetime), None),
         });
     }
 
@@ -214,6 +249,8 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         .collect();
 
     Ok(Snapshot {
+        drain_timeout: cfg.drain_timeout.0,
+        watch_config: cfg.watch_config,
         hash: loaded.hash,
         file: loaded.file.clone(),
         loaded_at: SystemTime::now(),
@@ -610,6 +647,7 @@ fn compile_route(
     }
     let route = Route {
         name: r.name.as_str().into(),
+        max_body_bytes: r.max_body_bytes.map(|s| limit(s.0)),
         policies,
         action: action?,
     };

@@ -83,9 +83,10 @@ impl Echo {
         let mut kept = Vec::new();
         let mut total: u64 = 0;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                GatewayError::new(ErrorKind::BadRequest, "failed reading the request body")
-                    .with_cause(e)
+            let frame = frame.map_err(|e| match crate::body::BodyError::find(&*e) {
+                Some(b) => GatewayError::from_body(*b),
+                None => GatewayError::new(ErrorKind::BadRequest, "failed reading the request body")
+                    .with_cause(e),
             })?;
             if let Ok(data) = frame.into_data() {
                 total += data.len() as u64;

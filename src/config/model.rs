@@ -15,6 +15,12 @@ pub struct Config {
     /// Worker threads; default: the number of CPUs. `--workers` overrides it.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// On SIGTERM/SIGINT: how long in-flight requests may take to finish.
+    #[serde(default = "defaults::drain_timeout")]
+    pub drain_timeout: Dur,
+    /// Reload when the config file changes (in addition to SIGHUP).
+    #[serde(default = "defaults::yes")]
+    pub watch_config: bool,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -37,9 +43,31 @@ pub struct Listener {
     /// How long a client may take to send a request's headers.
     #[serde(default = "defaults::header_read_timeout")]
     pub header_read_timeout: Dur,
-    /// Maximum size of the request line plus headers.
+    /// Maximum size of the request line plus headers (431 beyond).
     #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: Size,
+    /// Maximum number of request headers (431 beyond).
+    #[serde(default = "defaults::max_headers")]
+    pub max_headers: usize,
+    /// Maximum length of the request target, path and query (414 beyond).
+    #[serde(default = "defaults::max_uri_bytes")]
+    pub max_uri_bytes: Size,
+    /// Maximum request body size (413 beyond); `0` = unlimited. Routes may override.
+    #[serde(default)]
+    pub max_body_bytes: Size,
+    /// Longest wait for the next piece of a request body (408); `0` disables.
+    #[serde(default = "defaults::body_read_timeout")]
+    pub body_read_timeout: Dur,
+    /// Open connections on this listener; `0` = unlimited. Beyond it new
+    /// connections are closed at once.
+    #[serde(default)]
+    pub max_connections: usize,
+    /// Open connections per client IP (TCP peer); `0` = unlimited.
+    #[serde(default)]
+    pub max_connections_per_ip: usize,
+    /// A connection is closed (after its in-flight request) once this old; `0` = never.
+    #[serde(default)]
+    pub max_connection_lifetime: Dur,
 }
 
 // ---------------------------------------------------------------- upstreams
@@ -261,6 +289,9 @@ pub struct Route {
     #[serde(default)]
     pub policies: Vec<Policy>,
     pub action: Action,
+    /// Overrides the listener's `max_body_bytes` for this route (`0` = unlimited).
+    #[serde(default)]
+    pub max_body_bytes: Option<Size>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -412,6 +443,18 @@ pub(crate) mod defaults {
     }
     pub fn max_header_bytes() -> Size {
         Size(64 * 1024)
+    }
+    pub fn max_headers() -> usize {
+        100
+    }
+    pub fn max_uri_bytes() -> Size {
+        Size(8 * 1024)
+    }
+    pub fn body_read_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn drain_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
     }
     pub fn resolve_interval() -> Dur {
         Dur(Duration::from_secs(30))

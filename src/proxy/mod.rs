@@ -15,7 +15,7 @@
 pub mod forward;
 pub mod rewrite;
 
-use crate::body::{Body, BodyDone};
+use crate::body::{Body, BodyDone, BodyError, ClientBody};
 use crate::error::{ErrorKind, GatewayError};
 use crate::policy::Ctx;
 use crate::rand::fast_u64;
@@ -199,16 +199,17 @@ impl ProxyAction {
 
         let key = self.upstream.hash_of(&parts, ctx.client_ip);
         let (body, done) = match body {
-            Body::Incoming(inc) if http_body::Body::is_end_stream(&inc) => (Body::Empty, None),
+            b if http_body::Body::is_end_stream(&b) => (Body::Empty, None),
             Body::Incoming(inc) => {
+                let mut c = Box::new(ClientBody::new(inc, u64::MAX, None));
                 let done = Arc::new(BodyDone::default());
-                (
-                    Body::Request {
-                        inner: inc,
-                        done: done.clone(),
-                    },
-                    Some(done),
-                )
+                c.track(done.clone());
+                (Body::Client(c), Some(done))
+            }
+            Body::Client(mut c) => {
+                let done = Arc::new(BodyDone::default());
+                c.track(done.clone());
+                (Body::Client(c), Some(done))
             }
             other => (other, None),
         };
@@ -340,12 +341,17 @@ impl ProxyAction {
                             continue;
                         }
                     }
+                    let e = e.into_error();
+                    // The client's body broke the limits: the client's fault.
+                    if let Some(b) = BodyError::find(&e) {
+                        return Err(GatewayError::from_body(*b));
+                    }
                     ep.health.record_failure(&up.outlier);
                     let e = GatewayError::new(
                         ErrorKind::UpstreamProtocol,
                         format!("upstream `{}` failed the exchange", up.name),
                     )
-                    .with_cause(e.into_error());
+                    .with_cause(e);
                     (retry.on_reset, Err(e))
                 }
                 Some(Ok(resp)) => {

@@ -3,7 +3,11 @@
 //!
 //! The live [`Snapshot`] sits in an `ArcSwap`: each request takes its own
 //! reference at start, so a reload never changes a request mid-flight and the
-//! request path takes no lock.
+//! request path takes no lock. A reload also reconciles listeners: new ones
+//! are bound (before the swap, so a port in use rejects the reload), removed
+//! ones stop accepting while their connections finish. Listener settings
+//! (limits, timeouts) are read from the live snapshot for each new
+//! connection.
 
 pub mod service;
 
@@ -14,13 +18,24 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
+
+/// How often the config file is checked for changes (`watch_config`).
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A bound listener and the switch that stops its accept loop.
+struct Bound {
+    /// The configured address (port 0 stays 0 here).
+    configured: SocketAddr,
+    local: SocketAddr,
+    stop: watch::Sender<bool>,
+}
 
 /// State shared by every connection.
 pub struct Shared {
@@ -28,50 +43,127 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     shutdown: watch::Sender<bool>,
     connections: AtomicUsize,
+    /// Touched only when listeners are bound or stopped (start, reload).
+    listeners: Mutex<HashMap<Arc<str>, Bound>>,
 }
 
 impl Shared {
-    /// Re-reads the config file, compiles it and swaps it in. On any error the
-    /// current snapshot keeps serving and the error is returned.
-    pub fn reload(&self) -> Result<(), String> {
+    /// Re-reads the config file, compiles it, binds new listeners and swaps
+    /// it in. On any error the current configuration keeps serving and the
+    /// error (as `portico validate` prints it) is returned. An unchanged
+    /// file is a no-op.
+    pub fn reload(self: &Arc<Self>) -> Result<(), String> {
         let path = self
             .config_path
             .as_ref()
             .ok_or("no config file to reload")?;
         let loaded = config::load_file(path).map_err(|e| e.to_string())?;
         let current = self.snapshot.load_full();
+        if loaded.hash == current.hash {
+            return Ok(());
+        }
         let next = compile(&loaded, Some(&current)).map_err(|e| e.to_string())?;
-        let old_listeners: Vec<_> = current.listeners.iter().map(|l| l.spec.clone()).collect();
-        let new_listeners: Vec<_> = next.listeners.iter().map(|l| l.spec.clone()).collect();
-        if old_listeners != new_listeners {
-            tracing::warn!("listener changes need a restart; routes and upstreams were reloaded");
+
+        // Bind what is new or moved before anything changes.
+        let mut fresh = Vec::new();
+        {
+            let bound = self
+                .listeners
+                .lock()
+                .map_err(|_| "listener table poisoned")?;
+            for l in &next.listeners {
+                let same = bound
+                    .get(&l.spec.name)
+                    .is_some_and(|b| b.configured == l.spec.addr);
+                if !same {
+                    let reuse_port = bound.values().any(|b| b.local == l.spec.addr);
+                    if reuse_port {
+                        return Err(format!(
+                            "listener `{}`: {} is still bound by another listener; rename or move them in two reloads",
+                            l.spec.name, l.spec.addr
+                        ));
+                    }
+                    let listener = bind(l.spec.addr).map_err(|e| {
+                        format!(
+                            "cannot bind listener `{}` to {}: {e}",
+                            l.spec.name, l.spec.addr
+                        )
+                    })?;
+                    fresh.push((listener, l.spec.clone()));
+                }
+            }
         }
         for up in next.upstreams.values() {
             up.start();
         }
+        let keep: Vec<Arc<str>> = next.listeners.iter().map(|l| l.spec.name.clone()).collect();
         self.snapshot.store(Arc::new(next));
+        {
+            let mut bound = self
+                .listeners
+                .lock()
+                .map_err(|_| "listener table poisoned")?;
+            let moved: Vec<Arc<str>> = fresh.iter().map(|(_, s)| s.name.clone()).collect();
+            bound.retain(|name, b| {
+                let stays = keep.contains(name) && !moved.contains(name);
+                if !stays {
+                    let _ = b.stop.send(true);
+                    tracing::info!(listener = %name, address = %b.local, "listener stopped; its connections drain");
+                }
+                stays
+            });
+            for (listener, spec) in fresh {
+                self.spawn_listener(&mut bound, listener, spec);
+            }
+        }
         tracing::info!(file = %path.display(), hash = format!("{:016x}", loaded.hash), "configuration reloaded");
         Ok(())
     }
 
+    fn spawn_listener(
+        self: &Arc<Self>,
+        bound: &mut HashMap<Arc<str>, Bound>,
+        listener: TcpListener,
+        spec: ListenerSpec,
+    ) {
+        let local = listener.local_addr().unwrap_or(spec.addr);
+        let (stop, stopped) = watch::channel(false);
+        tracing::info!(listener = %spec.name, address = %local, "listening");
+        bound.insert(
+            spec.name.clone(),
+            Bound {
+                configured: spec.addr,
+                local,
+                stop,
+            },
+        );
+        tokio::spawn(accept_loop(listener, spec.name, self.clone(), stopped));
+    }
+
     pub fn open_connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The bound address of a listener (resolves port 0).
+    pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.listeners.lock().ok()?.get(listener).map(|b| b.local)
     }
 }
 
 /// A running gateway: its bound addresses and a handle to stop it.
 pub struct Running {
     pub shared: Arc<Shared>,
-    pub addrs: HashMap<String, SocketAddr>,
 }
 
 impl Running {
     pub fn addr(&self, listener: &str) -> SocketAddr {
-        self.addrs[listener]
+        self.shared
+            .local_addr(listener)
+            .unwrap_or_else(|| panic!("no listener named `{listener}`"))
     }
 
     /// Stops accepting, asks open connections to close once idle and waits
-    /// up to `drain` for them.
+    /// up to `drain` for them (and for WebSocket tunnels).
     pub async fn shutdown(&self, drain: Duration) {
         let _ = self.shared.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + drain;
@@ -96,7 +188,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Binds every listener of `snapshot` and starts serving. Listener addresses
-/// with port 0 get a free port (see [`Running::addrs`]).
+/// with port 0 get a free port (see [`Running::addr`]).
 pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io::Result<Running> {
     // Named targets are resolved before the first request (bounded wait).
     let resolving: Vec<_> = snapshot.upstreams.values().cloned().collect();
@@ -110,7 +202,6 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
         up.start();
     }
     let mut listeners = Vec::new();
-    let mut addrs = HashMap::new();
     for l in &snapshot.listeners {
         let listener = bind(l.spec.addr).map_err(|e| {
             std::io::Error::new(
@@ -121,7 +212,6 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
                 ),
             )
         })?;
-        addrs.insert(l.spec.name.to_string(), listener.local_addr()?);
         listeners.push((listener, l.spec.clone()));
     }
     let (tx, _) = watch::channel(false);
@@ -130,12 +220,15 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
         config_path,
         shutdown: tx,
         connections: AtomicUsize::new(0),
+        listeners: Mutex::new(HashMap::new()),
     });
-    for (listener, spec) in listeners {
-        tracing::info!(listener = %spec.name, address = %listener.local_addr()?, "listening");
-        tokio::spawn(accept_loop(listener, spec, shared.clone()));
+    {
+        let mut bound = shared.listeners.lock().expect("fresh mutex");
+        for (listener, spec) in listeners {
+            shared.spawn_listener(&mut bound, listener, spec);
+        }
     }
-    Ok(Running { shared, addrs })
+    Ok(Running { shared })
 }
 
 /// Per-connection facts every request on it needs.
@@ -146,31 +239,100 @@ pub struct ConnCtx {
     pub tls: bool,
 }
 
-async fn accept_loop(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shared>) {
+/// Open connections of one listener, in total and per client IP.
+#[derive(Default)]
+struct ListenerLoad {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Holds one connection's place in its listener's counts.
+struct ConnPermit {
+    load: Arc<ListenerLoad>,
+    ip: Option<IpAddr>,
+}
+
+impl ListenerLoad {
+    /// Admits a connection under the limits (0 = unlimited), or refuses it.
+    fn admit(self: &Arc<Self>, ip: IpAddr, max: usize, max_per_ip: usize) -> Option<ConnPermit> {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut permit = ConnPermit {
+            load: self.clone(),
+            ip: None,
+        };
+        if max != 0 && total > max {
+            return None;
+        }
+        if max_per_ip != 0 {
+            let mut map = self.per_ip.lock().ok()?;
+            let n = map.entry(ip).or_insert(0);
+            if *n >= max_per_ip {
+                return None;
+            }
+            *n += 1;
+            permit.ip = Some(ip);
+        }
+        Some(permit)
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.load.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            if let Ok(mut map) = self.load.per_ip.lock() {
+                if let Some(n) = map.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(&ip);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    name: Arc<str>,
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut shutdown = shared.shutdown.subscribe();
+    let load = Arc::new(ListenerLoad::default());
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.changed() => break,
+            _ = stopped.changed() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Settings come from the live snapshot: reloads apply to new connections.
+                let snapshot = shared.snapshot.load();
+                let Some(spec) = snapshot.listener(&name).map(|l| l.spec.clone()) else {
+                    break;
+                };
+                drop(snapshot);
+                let ip = crate::net::canonical(peer.ip());
+                let Some(permit) =
+                    load.admit(ip, spec.max_connections, spec.max_connections_per_ip)
+                else {
+                    tracing::debug!(listener = %name, peer = %peer, "connection limit reached; closed");
+                    drop(stream);
+                    continue;
+                };
                 let ctx = Arc::new(ConnCtx {
                     shared: shared.clone(),
-                    listener: spec.name.clone(),
+                    listener: name.clone(),
                     peer,
                     tls: false,
                 });
-                tokio::spawn(serve_connection(
-                    stream,
-                    ctx,
-                    spec.header_read_timeout,
-                    spec.max_header_bytes,
-                ));
+                tokio::spawn(serve_connection(stream, ctx, spec, permit));
             }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning.
-                tracing::warn!(listener = %spec.name, error = %e, "accept failed");
+                tracing::warn!(listener = %name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -188,8 +350,8 @@ impl Drop for ConnGuard {
 async fn serve_connection(
     stream: TcpStream,
     ctx: Arc<ConnCtx>,
-    header_timeout: Duration,
-    max_header: usize,
+    spec: ListenerSpec,
+    _permit: ConnPermit,
 ) {
     let _ = stream.set_nodelay(true);
     ctx.shared.connections.fetch_add(1, Ordering::Relaxed);
@@ -206,31 +368,78 @@ async fn serve_connection(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(max_header);
+        .header_read_timeout(spec.header_read_timeout)
+        .max_buf_size(spec.max_header_bytes)
+        .max_headers(spec.max_headers);
     let conn = builder
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(peer = %ctx.peer, error = %e, "connection ended with an error");
-            }
+    // Past its lifetime a connection finishes its in-flight request, then closes.
+    let lifetime = async {
+        match spec.max_connection_lifetime {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
         }
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    };
+    tokio::pin!(lifetime);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %ctx.peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = &mut lifetime, if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     }
 }
 
-/// Loads, compiles and serves `path` until SIGTERM/SIGINT. SIGHUP reloads.
+/// Polls the config file (through symlinks, so editors' rename-on-save and
+/// Kubernetes ConfigMap swaps are seen) and reloads when it changes.
+async fn watch_config(shared: Arc<Shared>, path: PathBuf) {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.ino(), m.dev(), m.len(), m.mtime(), m.mtime_nsec()))
+    };
+    let mut last = stamp(&path);
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            _ = shutdown.changed() => break,
+        }
+        if !shared.snapshot.load().watch_config {
+            continue;
+        }
+        let now = stamp(&path);
+        if now != last && now.is_some() {
+            last = now;
+            if let Err(e) = shared.reload() {
+                tracing::error!("config file changed but the reload was rejected; the previous configuration keeps serving:\n{e}");
+            }
+        }
+    }
+}
+
+/// Serves `path` until SIGTERM/SIGINT; SIGHUP and file changes reload.
 pub async fn serve_file(path: &Path, snapshot: Snapshot) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let running = start(snapshot, Some(path.to_path_buf()))
         .await
         .map_err(|e| e.to_string())?;
+    tokio::spawn(watch_config(running.shared.clone(), path.to_path_buf()));
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -245,7 +454,15 @@ pub async fn serve_file(path: &Path, snapshot: Snapshot) -> Result<(), String> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("shutting down: draining connections");
-    running.shutdown(Duration::from_secs(10)).await;
+    let drain = running.shared.snapshot.load().drain_timeout;
+    tracing::info!(drain = ?drain, "shutting down: draining connections");
+    running.shutdown(drain).await;
     Ok(())
+}
+
+/// Starts the config-file watcher for a gateway started with [`start`].
+pub fn watch(running: &Running) {
+    if let Some(path) = running.shared.config_path.clone() {
+        tokio::spawn(watch_config(running.shared.clone(), path));
+    }
 }

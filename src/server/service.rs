@@ -10,7 +10,7 @@
 //! Any [`GatewayError`] becomes the standard JSON error response here.
 
 use super::ConnCtx;
-use crate::body::Body;
+use crate::body::{Body, ClientBody};
 use crate::error::{ErrorKind, GatewayError};
 use crate::policy::{Ctx, Flow};
 use crate::proxy::{forward, X_REQUEST_ID};
@@ -30,6 +30,14 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
         let e = GatewayError::new(ErrorKind::RouteNotFound, "listener no longer configured");
         return finish(e.to_response(Some(&request_id)), request_id);
     };
+    let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if uri_len > lr.spec.max_uri_bytes {
+        let e = GatewayError::new(
+            ErrorKind::UriTooLong,
+            format!("request target longer than {} bytes", lr.spec.max_uri_bytes),
+        );
+        return finish(e.to_response(Some(&request_id)), request_id);
+    }
 
     let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
@@ -76,7 +84,23 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
         original_uri: req.uri().clone(),
         host_header,
     };
-    let mut req = req.map(Body::Incoming);
+    let body_limit = route.max_body_bytes.unwrap_or(lr.spec.max_body_bytes);
+    if let Some(e) = declared_body_too_large(req.headers(), body_limit) {
+        return finish(e.to_response(Some(&ctx.request_id)), ctx.request_id);
+    }
+    let mut req = if http_body::Body::is_end_stream(req.body())
+        || (body_limit == u64::MAX && lr.spec.body_read_timeout.is_none())
+    {
+        req.map(Body::Incoming)
+    } else {
+        req.map(|b| {
+            Body::Client(Box::new(ClientBody::new(
+                b,
+                body_limit,
+                lr.spec.body_read_timeout,
+            )))
+        })
+    };
 
     let mut ran = 0;
     let mut answered = None;
@@ -109,6 +133,21 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
         policy.on_response(&mut resp, &ctx);
     }
     finish(resp, ctx.request_id)
+}
+
+/// 413 at once when `Content-Length` already exceeds the limit.
+fn declared_body_too_large(h: &http::HeaderMap, limit: u64) -> Option<GatewayError> {
+    if limit == u64::MAX {
+        return None;
+    }
+    let len: u64 = h
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (len > limit).then(|| GatewayError::from_body(crate::body::BodyError::TooLarge(limit)))
 }
 
 fn finish(mut resp: Response<Body>, request_id: HeaderValue) -> Response<Body> {

@@ -24,7 +24,9 @@ mod smoke {
 
 mod balancing;
 mod config_cli;
+mod hardening_http;
 mod lifecycle;
+mod limits;
 mod proxying;
 mod resilience;
 mod routing;

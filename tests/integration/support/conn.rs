@@ -310,3 +310,17 @@ pub fn header_multimap(
     }
     m
 }
+
+impl RawConn {
+    /// Reads until the gateway closes the connection (EOF or reset) and
+    /// returns whatever it sent first.
+    pub async fn read_to_close(&mut self) -> Vec<u8> {
+        loop {
+            let mut chunk = [0u8; 4096];
+            match guard("the gateway to close", self.stream.read(&mut chunk)).await {
+                Ok(0) | Err(_) => return std::mem::take(&mut self.buf),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Listener limits and timeouts (hardening), and listener changes on reload.
+
+use super::support::conn::RawConn;
+use super::support::upstream;
+use super::support::{client, gateway, TestGateway};
+use std::time::Duration;
+
+/// A gateway whose listener `main` has `listener_extra` settings, proxying
+/// everything to `up` (routes may add `route_extra` keys).
+async fn limited(up: std::net::SocketAddr, listener_extra: &str, route_extra: &str) -> TestGateway {
+    gateway(&format!(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n{listener_extra}upstreams:\n  - name: up\n    targets: [{{address: '{up}'}}]\nroutes:\n  - name: all\n{route_extra}    action: {{proxy: {{upstream: up}}}}\n"
+    ))
+    .await
+}
+
+fn error_code(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let start = text.find('{').unwrap_or(0);
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).unwrap_or_else(|_| panic!("{text}"));
+    v["error"]["code"].as_str().unwrap_or("").to_string()
+}
+
+#[tokio::test]
+async fn long_uri_is_414() {
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(up.addr, "    max_uri_bytes: 100\n", "").await;
+    let r = client::get(&gw.url(&format!("/{}", "a".repeat(200)))).await;
+    assert_eq!(r.status, 414);
+    assert_eq!(r.json()["error"]["code"], "uri_too_long");
+    assert_eq!(client::get(&gw.url("/short")).await.status, 200);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn too_many_or_too_large_headers_are_431() {
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(
+        up.addr,
+        "    max_headers: 10\n    max_header_bytes: 8KiB\n",
+        "",
+    )
+    .await;
+    let mut many = String::from("GET / HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..20 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let mut c = RawConn::connect(gw.addr()).await;
+    c.write(many.as_bytes()).await;
+    assert_eq!(c.read_head().await.status, 431);
+
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "b".repeat(16 * 1024)
+    );
+    let mut c = RawConn::connect(gw.addr()).await;
+    c.write(big.as_bytes()).await;
+    assert_eq!(c.read_head().await.status, 431);
+    assert_eq!(up.hits(), 0, "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn declared_body_over_the_limit_is_413_without_reaching_the_upstream() {
+    let up = upstream::echo().await;
+    let gw = limited(up.addr, "    max_body_bytes: 1KiB\n", "").await;
+    let mut c = RawConn::connect(gw.addr()).await;
+    c.write(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\n")
+        .await;
+    let head = c.read_head().await;
+    assert_eq!(head.status, 413);
+    assert_eq!(head.header("connection"), Some("close"));
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn chunked_body_over_the_limit_is_413_and_small_bodies_pass() {
+    let up = upstream::echo().await;
+    let gw = limited(up.addr, "    max_body_bytes: 1KiB\n", "").await;
+    let mut c = RawConn::connect(gw.addr()).await;
+    let chunk = "a".repeat(600);
+    c.write(format!("POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n").as_bytes()).await;
+    let head = c.read_head().await;
+    assert_eq!(head.status, 413);
+
+    let mut c = RawConn::connect(gw.addr()).await;
+    c.write(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello")
+        .await;
+    let head = c.read_head().await;
+    assert_eq!(head.status, 200);
+}
+
+#[tokio::test]
+async fn route_overrides_the_listener_body_limit() {
+    let up = upstream::echo().await;
+    let gw = limited(
+        up.addr,
+        "    max_body_bytes: 10\n",
+        "    max_body_bytes: 1MiB\n",
+    )
+    .await;
+    let mut c = RawConn::connect(gw.addr()).await;
+    c.write(
+        format!(
+            "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{}",
+            "z".repeat(100)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(c.read_head().await.status, 200);
+}
+
+#[tokio::test]
+async fn stalled_request_body_is_408() {
+    let up = upstream::echo().await;
+    let gw = limited(up.addr, "    body_read_timeout: 200ms\n", "").await;
+    let mut c = RawConn::connect(gw.addr()).await;
+    // Promises 100 bytes, sends 3, then stalls.
+    c.write(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
+        .await;
+    let got = c.read_to_close().await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(error_code(&got), "request_timeout");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_listener_limits_are_closed() {
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(up.addr, "    max_connections: 2\n", "").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = RawConn::connect(gw.addr()).await;
+        c.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(c.read_head().await.status, 200);
+        held.push(c);
+    }
+    let mut third = RawConn::connect(gw.addr()).await;
+    assert!(
+        third.read_to_close().await.is_empty(),
+        "refused without an answer"
+    );
+    // A slot frees up when a connection closes.
+    drop(held.pop());
+    let mut retry_ok = false;
+    for _ in 0..50 {
+        let mut c = RawConn::connect(gw.addr()).await;
+        c.write(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await;
+        let got = c.read_to_close().await;
+        if got.starts_with(b"HTTP/1.1 200") {
+            retry_ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(retry_ok, "a freed slot admits a new connection");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_per_ip_limit_are_closed() {
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(up.addr, "    max_connections_per_ip: 1\n", "").await;
+    let mut first = RawConn::connect(gw.addr()).await;
+    first.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(first.read_head().await.status, 200);
+    let mut second = RawConn::connect(gw.addr()).await;
+    assert!(second.read_to_close().await.is_empty());
+}
+
+#[tokio::test]
+async fn connection_past_its_lifetime_closes_after_its_request() {
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(up.addr, "    max_connection_lifetime: 200ms\n", "").await;
+    let mut c = RawConn::connect(gw.addr()).await;
+    c.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(c.read_head().await.status, 200);
+    // Idle past the lifetime: the gateway closes it.
+    let rest = c.read_to_close().await;
+    assert_eq!(rest, b"ok", "only the first response's body, then close");
+}
+
+fn config_with(listeners: &str) -> String {
+    format!("watch_config: true\nlisteners:\n{listeners}routes:\n  - name: r\n    action: {{respond: {{status: 200, body: hi}}}}\n")
+}
+
+#[tokio::test]
+async fn reload_binds_new_listeners_and_stops_removed_ones() {
+    let dir = std::env::temp_dir().join(format!("portico-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("listeners.yaml");
+    let main = "  - name: main\n    address: 127.0.0.1:0\n";
+    let extra = "  - name: extra\n    address: 127.0.0.1:0\n";
+    std::fs::write(&path, config_with(main)).unwrap();
+    let snap = portico::load(&path).unwrap();
+    let running = portico::server::start(snap, Some(path.clone()))
+        .await
+        .unwrap();
+    assert!(running.shared.local_addr("extra").is_none());
+
+    std::fs::write(&path, config_with(&format!("{main}{extra}"))).unwrap();
+    running.shared.reload().unwrap();
+    let extra_addr = running.addr("extra");
+    assert_eq!(
+        client::get(&format!("http://{extra_addr}/")).await.text(),
+        "hi"
+    );
+
+    std::fs::write(&path, config_with(main)).unwrap();
+    running.shared.reload().unwrap();
+    assert!(running.shared.local_addr("extra").is_none());
+    assert!(
+        super::support::eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+            extra_addr
+        )
+        .is_err())
+        .await
+    );
+    let main_addr = running.addr("main");
+    assert_eq!(
+        client::get(&format!("http://{main_addr}/")).await.text(),
+        "hi"
+    );
+}
+
+#[tokio::test]
+async fn config_file_changes_are_reloaded() {
+    let dir = std::env::temp_dir().join(format!("portico-watch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("watched.yaml");
+    let text = |body: &str| {
+        format!("listeners:\n  - name: main\n    address: 127.0.0.1:0\nroutes:\n  - name: r\n    action: {{respond: {{status: 200, body: {body}}}}}\n")
+    };
+    std::fs::write(&path, text("before")).unwrap();
+    let snap = portico::load(&path).unwrap();
+    let running = portico::server::start(snap, Some(path.clone()))
+        .await
+        .unwrap();
+    portico::server::watch(&running);
+    let url = format!("http://{}/", running.addr("main"));
+    assert_eq!(client::get(&url).await.text(), "before");
+    // Editors save by writing a new file and renaming it over the old one.
+    let tmp = dir.join("watched.yaml.tmp");
+    std::fs::write(&tmp, text("after")).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let mut seen = false;
+    for _ in 0..100 {
+        if client::get(&url).await.text() == "after" {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "the watcher reloaded the changed file");
+}
