@@ -19,4 +19,22 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --all-targets 2>&1 | tee "$log"
+
+# Fuzz every target briefly (scripts/fuzz.sh; FUZZ_SECONDS per target).
+# cargo-fuzz is installed when missing and this runs as root (CI, ~3 min);
+# elsewhere fuzzing is skipped with a note.
+if ! cargo fuzz --version >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing: cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+if cargo fuzz --version >/dev/null 2>&1; then
+  ./scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
+else
+  echo "skipping fuzzing: cargo-fuzz is missing (cargo install cargo-fuzz --locked)" >&2
+fi
+
+# The test totals once more, last, so they close the output.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

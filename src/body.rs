@@ -69,6 +69,8 @@ pub enum BodyError {
     TooLarge(u64),
     /// No body data arrived for this long.
     Timeout(Duration),
+    /// The client's body framing was invalid (bad chunk size, truncated).
+    Malformed,
 }
 
 impl std::fmt::Display for BodyError {
@@ -76,6 +78,7 @@ impl std::fmt::Display for BodyError {
         match self {
             BodyError::TooLarge(n) => write!(f, "request body larger than {n} bytes"),
             BodyError::Timeout(t) => write!(f, "no request body data for {t:?}"),
+            BodyError::Malformed => f.write_str("malformed or truncated request body"),
         }
     }
 }
@@ -160,7 +163,9 @@ impl ClientBody {
                     t.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
             }
-            Some(Err(_)) => {}
+            // Bad framing from the client is the client's fault, never the
+            // upstream's (it must not count against the upstream's health).
+            Some(Err(_)) => return Poll::Ready(Some(Err(BodyError::Malformed.into()))),
         }
         Poll::Ready(r.map(|r| r.map_err(Into::into)))
     }

@@ -103,6 +103,20 @@ impl ErrorKind {
         }
     }
 
+    /// The gRPC status code used when the request was a gRPC call.
+    pub fn grpc_status(self) -> u8 {
+        match self {
+            ErrorKind::RouteNotFound => 12,                     // UNIMPLEMENTED
+            ErrorKind::BadRequest | ErrorKind::UriTooLong => 3, // INVALID_ARGUMENT
+            ErrorKind::PayloadTooLarge => 8,                    // RESOURCE_EXHAUSTED
+            ErrorKind::RequestTimeout | ErrorKind::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
+            ErrorKind::UpstreamUnreachable
+            | ErrorKind::UpstreamProtocol
+            | ErrorKind::NoHealthyTarget => 14, // UNAVAILABLE
+            ErrorKind::Internal => 13,                          // INTERNAL
+        }
+    }
+
     /// Whether another attempt (on another target) may succeed. Whether it is
     /// *safe* to retry also depends on the request; see `proxy::retry`.
     pub fn retryable(self) -> bool {
@@ -151,6 +165,7 @@ impl GatewayError {
         let kind = match e {
             crate::body::BodyError::TooLarge(_) => ErrorKind::PayloadTooLarge,
             crate::body::BodyError::Timeout(_) => ErrorKind::RequestTimeout,
+            crate::body::BodyError::Malformed => ErrorKind::BadRequest,
         };
         GatewayError::new(kind, e.to_string())
             .with_header(header::CONNECTION, HeaderValue::from_static("close"))
@@ -166,6 +181,53 @@ impl GatewayError {
 
     pub fn is_retryable(&self) -> bool {
         self.kind.retryable()
+    }
+
+    /// The error as a gRPC client expects it: HTTP 200, a trailers-only
+    /// response with `grpc-status` and a percent-encoded `grpc-message`.
+    pub fn to_grpc_response(&self, request_id: Option<&HeaderValue>) -> Response<Body> {
+        let mut resp = Response::new(Body::empty());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(self.kind.grpc_status() as u16),
+        );
+        let mut msg = String::with_capacity(self.message.len());
+        for b in format!("{}: {}", self.kind.code(), self.message).bytes() {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                msg.push(b as char);
+            } else {
+                msg.push_str(&format!("%{b:02X}"));
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&msg) {
+            h.insert("grpc-message", v);
+        }
+        if let Some(rid) = request_id {
+            h.insert("x-request-id", rid.clone());
+        }
+        if let Some(extra) = &self.headers {
+            for (k, v) in extra.iter() {
+                if k != header::CONNECTION {
+                    h.append(k, v.clone());
+                }
+            }
+        }
+        resp
+    }
+
+    /// The response for a request: a gRPC error for gRPC calls, else the
+    /// standard JSON body.
+    pub fn respond(&self, request_id: Option<&HeaderValue>, grpc: bool) -> Response<Body> {
+        if grpc {
+            self.to_grpc_response(request_id)
+        } else {
+            self.to_response(request_id)
+        }
     }
 
     /// The standard JSON error response.
@@ -243,6 +305,21 @@ mod tests {
         assert_eq!(v["error"]["code"], "upstream_unreachable");
         assert_eq!(v["error"]["message"], "connection refused");
         assert_eq!(v["error"]["request_id"], "abc");
+    }
+
+    #[test]
+    fn grpc_error_shape() {
+        let err = GatewayError::new(ErrorKind::UpstreamTimeout, "slow 100%");
+        let resp = err.to_grpc_response(Some(&HeaderValue::from_static("rid")));
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/grpc");
+        assert_eq!(resp.headers()["grpc-status"], "4");
+        assert_eq!(
+            resp.headers()["grpc-message"],
+            "upstream_timeout: slow 100%25"
+        );
+        assert_eq!(ErrorKind::NoHealthyTarget.grpc_status(), 14);
+        assert_eq!(ErrorKind::RouteNotFound.grpc_status(), 12);
     }
 
     #[test]

@@ -7,12 +7,15 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod net;
+pub mod normalize;
 pub mod policy;
 pub mod proxy;
 pub mod rand;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod strict;
+pub mod tls;
 pub mod upstream;
 
 /// Loads and compiles a config file: what `portico validate` runs.

@@ -383,7 +383,9 @@ mod tests {
     /// segment and parses as a URI path.
     #[test]
     fn outputs_are_canonical() {
-        let parts = ["", ".", "..", "a", "%2e", "%2E%2e", "%2f", "%41", "b%2Fc", "~", "%7E"];
+        let parts = [
+            "", ".", "..", "a", "%2e", "%2E%2e", "%2f", "%41", "b%2Fc", "~", "%7E",
+        ];
         let mut n = 0;
         for a in parts {
             for b in parts {

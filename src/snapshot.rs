@@ -2,7 +2,8 @@
 //! routers per listener, compiled routes (policy chain + action), upstreams.
 //!
 //! All semantic validation happens here, and every problem is reported with
-//! its file, line, column and key path. Compiling never does I/O; the server
+//! its file, line, column and key path. Compiling does no network I/O (it
+//! only reads the certificate, key and CA files that TLS settings name); the server
 //! swaps a new snapshot in atomically and requests in flight keep the one
 //! they started with.
 
@@ -41,6 +42,10 @@ pub struct ListenerSpec {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub max_connection_lifetime: Option<Duration>,
+    pub http2: bool,
+    pub max_concurrent_streams: u32,
+    /// TLS termination, HTTPS redirect, HSTS, client identity header.
+    pub tls: crate::tls::ListenerTls,
 }
 
 /// `0` (unlimited) as `u64::MAX`, so a limit is one comparison.
@@ -157,6 +162,9 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         if l.header_read_timeout.0.is_zero() {
             c.err(format!("{p}.header_read_timeout"), "must be greater than 0");
         }
+        if l.max_concurrent_streams == 0 {
+            c.err(format!("{p}.max_concurrent_streams"), "must be at least 1");
+        }
         if l.max_headers == 0 {
             c.err(format!("{p}.max_headers"), "must be at least 1");
         }
@@ -179,6 +187,21 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             max_connections: l.max_connections,
             max_connections_per_ip: l.max_connections_per_ip,
             max_connection_lifetime: opt_dur(Some(l.max_connection_lifetime), None),
+            http2: l.http2,
+            max_concurrent_streams: l.max_concurrent_streams,
+            tls: crate::tls::config::listener(
+                l,
+                &tls_base(loaded),
+                previous
+                    .and_then(|s| s.listener(&l.name))
+                    .map(|x| &x.spec.tls),
+            )
+            .unwrap_or_else(|es| {
+                for e in es {
+                    c.err(format!("{p}.{}", e.key), e.message);
+                }
+                Default::default()
+            }),
         });
     }
 
@@ -303,12 +326,29 @@ fn compile_upstream(
                     weight: t.weight,
                     fixed,
                     authority: t.address.as_str().into(),
+                    tls: None,
                 });
             }
             None => c.err(
                 format!("{tp}.address"),
                 format!("`{}` is not `host:port`", t.address),
             ),
+        }
+    }
+    match crate::tls::config::upstream(u, &tls_base(c.loaded)) {
+        Ok(Some(up_tls)) => {
+            for (j, t) in targets.iter_mut().enumerate() {
+                match up_tls.for_target(&t.host) {
+                    Ok(tt) => t.tls = Some(tt),
+                    Err(e) => c.err(format!("{p}.targets[{j}].address"), e),
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(es) => {
+            for e in es {
+                c.err(format!("{p}.{}", e.key), e.message);
+            }
         }
     }
     let hash_key = match (&u.balance, &u.hash_on) {
@@ -349,6 +389,12 @@ fn compile_upstream(
         (_, None) => None,
     };
     check_retries(c, &format!("{p}.retries"), &u.retries);
+    if u.protocol == model::Protocol::H2 && !has_upstream_tls(u) {
+        c.err(
+            format!("{p}.protocol"),
+            "`h2` is HTTP/2 over TLS and needs `tls` on the upstream; use `h2c` for cleartext HTTP/2",
+        );
+    }
     if u.resolve_interval.0 < Duration::from_secs(1) {
         c.err(format!("{p}.resolve_interval"), "must be at least 1s");
     }
@@ -408,7 +454,8 @@ fn compile_upstream(
     }
     let prev = previous.and_then(|s| s.upstreams.get(&u.name));
     if let Some(prev) = prev {
-        if prev.spec == *u {
+        // Same definition and same TLS file contents (compared in `targets`).
+        if prev.spec == *u && prev.targets == targets {
             return Some(prev.clone());
         }
     }
@@ -581,6 +628,31 @@ fn compile_route(
             .ok(),
         (None, None) => Pattern::parse_prefix("/").ok(),
     };
+    // Requests are matched after path normalisation, so a pattern that is
+    // not itself normal (`/a//b`, `/%7Euser`, `/a/../b`) could never match.
+    let written = m
+        .path
+        .as_ref()
+        .map(|v| ("path", v))
+        .or(m.path_prefix.as_ref().map(|v| ("path_prefix", v)));
+    if let Some((key, raw)) = written {
+        let trimmed = if key == "path_prefix" && raw.len() > 1 {
+            raw.trim_end_matches('/')
+        } else {
+            raw.as_str()
+        };
+        match crate::normalize::normalize_path(trimmed) {
+            Ok(n) if n != trimmed => c.err(
+                format!("{p}.match.{key}"),
+                format!("`{raw}` never matches: requests are normalised first; write `{n}`"),
+            ),
+            Err(e) => c.err(
+                format!("{p}.match.{key}"),
+                format!("`{raw}` never matches: {e}"),
+            ),
+            Ok(_) => {}
+        }
+    }
     for (j, h) in m.hosts.iter().enumerate() {
         let bare = h.strip_prefix("*.").unwrap_or(h);
         let ok = !bare.is_empty()
@@ -886,6 +958,20 @@ fn check_ambiguity(
     }
 }
 
+/// Whether the upstream talks TLS to its targets.
+fn has_upstream_tls(u: &model::Upstream) -> bool {
+    u.tls.is_some()
+}
+
+/// The directory that relative TLS file paths are taken from: the config
+/// file's.
+fn tls_base(loaded: &Loaded) -> std::path::PathBuf {
+    std::path::Path::new(&loaded.file)
+        .parent()
+        .map(|d| d.to_path_buf())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -934,6 +1020,26 @@ mod tests {
         ));
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].path, "routes[0].action.proxy.rewrite.path");
+    }
+
+    #[test]
+    fn unnormalised_route_paths_are_rejected() {
+        for (path, want) in [("/a//b", "/a/b"), ("/%7Euser", "/~user"), ("/a/../b", "/b")] {
+            let e = errors(&format!(
+                "{BASE}routes:\n  - name: r\n    match: {{path: \"{path}\"}}\n    action: {{proxy: {{upstream: up}}}}\n"
+            ));
+            assert_eq!(e.len(), 1, "{path}: {e:?}");
+            assert_eq!(e[0].path, "routes[0].match.path");
+            assert!(e[0].message.contains(want), "{}", e[0]);
+        }
+        // Templates, prefixes with a trailing slash and the root are fine.
+        for m in [
+            "path: \"/users/{id}/{*rest}\"",
+            "path_prefix: /api/",
+            "path_prefix: /",
+        ] {
+            assert!(errors(&format!("{BASE}routes:\n  - name: r\n    match: {{{m}}}\n    action: {{proxy: {{upstream: up}}}}\n")).is_empty(), "{m}");
+        }
     }
 
     #[test]

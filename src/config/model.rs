@@ -68,6 +68,87 @@ pub struct Listener {
     /// A connection is closed (after its in-flight request) once this old; `0` = never.
     #[serde(default)]
     pub max_connection_lifetime: Dur,
+    /// Accept HTTP/2: with prior knowledge (h2c) on plain listeners, by ALPN on TLS ones.
+    #[serde(default = "defaults::yes")]
+    pub http2: bool,
+    /// HTTP/2: concurrent streams per connection.
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Terminate TLS on this listener (docs/tls.md).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Plain listeners: answer every request with `308` to the same URL over HTTPS.
+    #[serde(default)]
+    pub redirect_to_https: Option<RedirectToHttps>,
+    /// TLS listeners: add `Strict-Transport-Security` to every response.
+    #[serde(default)]
+    pub hsts: Option<Hsts>,
+    /// Header carrying the verified client certificate upstream; any value
+    /// the client sent under this name is always removed.
+    #[serde(default)]
+    pub client_identity_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Certificate chains and keys; chosen by SNI.
+    pub certificates: Vec<Certificate>,
+    /// Ask clients for certificates (mTLS).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// PEM file: the certificate, then its intermediates. Relative paths are
+    /// taken from the config file's directory.
+    pub cert: String,
+    /// PEM file: the private key (PKCS#8, RSA or EC).
+    pub key: String,
+    /// Names served (exact or `*.suffix`); default: the certificate's DNS SANs.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Served when the client sends no SNI or an unknown name; default: the first.
+    #[serde(default)]
+    pub default: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    pub mode: ClientAuthMode,
+    /// PEM bundle of the CAs that sign client certificates.
+    pub ca: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    /// A client may present a certificate; if it does, it must verify.
+    Optional,
+    /// A client must present a certificate that verifies.
+    Required,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectToHttps {
+    /// HTTPS port in the `Location`; omitted when 443.
+    #[serde(default = "defaults::https_port")]
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hsts {
+    #[serde(default = "defaults::hsts_max_age")]
+    pub max_age: Dur,
+    #[serde(default)]
+    pub include_subdomains: bool,
+    #[serde(default)]
+    pub preload: bool,
 }
 
 // ---------------------------------------------------------------- upstreams
@@ -77,6 +158,10 @@ pub struct Listener {
 pub struct Upstream {
     pub name: String,
     pub targets: Vec<Target>,
+    /// How Portico speaks to the targets: `http1` (default), `h2c` (HTTP/2
+    /// with prior knowledge, e.g. gRPC services), or `h2` (HTTP/2 over TLS).
+    #[serde(default)]
+    pub protocol: Protocol,
     #[serde(default)]
     pub balance: Balance,
     /// Key for `balance: consistent_hash`: `header:NAME`, `cookie:NAME`,
@@ -96,6 +181,25 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     #[serde(default)]
     pub outlier_detection: OutlierDetection,
+    /// Speak TLS to the targets (docs/tls.md).
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM bundle of the CAs trusted for the targets; default: the webpki (Mozilla) roots.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Name sent as SNI and checked in the certificate; default: the target's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Client certificate (PEM chain) presented to the targets.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -105,6 +209,15 @@ pub struct Target {
     pub address: String,
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    H2c,
+    H2,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -453,6 +566,9 @@ pub(crate) mod defaults {
     pub fn body_read_timeout() -> Dur {
         Dur(Duration::from_secs(30))
     }
+    pub fn max_concurrent_streams() -> u32 {
+        100
+    }
     pub fn drain_timeout() -> Dur {
         Dur(Duration::from_secs(10))
     }
@@ -479,6 +595,12 @@ pub(crate) mod defaults {
     }
     pub fn yes() -> bool {
         true
+    }
+    pub fn https_port() -> u16 {
+        443
+    }
+    pub fn hsts_max_age() -> Dur {
+        Dur(Duration::from_secs(365 * 86400))
     }
     pub fn status_ok() -> u16 {
         200

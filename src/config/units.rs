@@ -10,7 +10,7 @@ use serde::Deserialize;
 use std::fmt;
 use std::time::Duration;
 
-/// A duration written as `<number><unit>`; units: `ms`, `s`, `m`, `h`, `d`.
+/// A duration written as `<number><unit>`; units: `ms`, `s`, `m`, `h`, `d`, `y` (365 days).
 /// `0` (or `0s`) means "disabled" where a key documents it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Dur(pub Duration);
@@ -26,7 +26,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d, e.g. `250ms`)"))?;
+        .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h, d or y, e.g. `250ms`)"))?;
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
@@ -37,9 +37,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86400.0,
+        "y" => value * 365.0 * 86400.0,
         _ => {
             return Err(format!(
-                "`{s}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
+                "`{s}` has an unknown unit `{unit}` (use ms, s, m, h, d or y)"
             ))
         }
     };

@@ -37,7 +37,8 @@ pub struct Ctx {
     pub route: Arc<str>,
     /// Captured path params (spans of `original_uri`'s path).
     pub captures: Captures,
-    /// The URI as the client sent it (captures index into its path).
+    /// The URI as the client sent it, with its path normalised
+    /// (`normalize`); captures index into that path.
     pub original_uri: http::Uri,
     /// The client's Host header, for forwarded headers.
     pub host_header: Option<HeaderValue>,
@@ -52,7 +53,8 @@ impl Ctx {
 
 pub enum Flow {
     Continue,
-    Respond(Response<Body>),
+    /// Boxed: a policy answering is the rare path.
+    Respond(Box<Response<Body>>),
 }
 
 pub type PolicyFuture<'a> = Pin<Box<dyn Future<Output = Result<Flow, GatewayError>> + Send + 'a>>;

@@ -16,6 +16,7 @@ pub mod forward;
 pub mod rewrite;
 
 use crate::body::{Body, BodyDone, BodyError, ClientBody};
+use crate::config::model::Protocol;
 use crate::error::{ErrorKind, GatewayError};
 use crate::policy::Ctx;
 use crate::rand::fast_u64;
@@ -30,6 +31,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?;
+    if s.len() < 2 || s.len() > 9 {
+        return None;
+    }
+    let (num, unit) = s.split_at(s.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// Upgraded connections (WebSocket tunnels) being spliced right now, in this
 /// process. Shutdown waits for them during the drain period.
@@ -119,8 +140,9 @@ fn idempotent(m: &Method) -> bool {
 struct Outgoing {
     method: Method,
     uri: Uri,
-    version: http::Version,
     headers: http::HeaderMap,
+    /// The client's Host (or HTTP/2 authority), for `host_header: preserve`.
+    client_host: Option<HeaderValue>,
 }
 
 impl Outgoing {
@@ -128,25 +150,49 @@ impl Outgoing {
         Outgoing {
             method: self.method.clone(),
             uri: self.uri.clone(),
-            version: self.version,
             headers: self.headers.clone(),
+            client_host: self.client_host.clone(),
         }
     }
 
-    fn into_request(self, body: Body, ep: &Endpoint, host: &HostHeader) -> Request<Body> {
+    /// The request as sent to `ep`: HTTP/1.1 with an origin-form target and
+    /// a Host header, or HTTP/2 with an absolute URI (its authority becomes
+    /// `:authority`) and no Host header.
+    fn into_request(
+        self,
+        body: Body,
+        ep: &Endpoint,
+        host: &HostHeader,
+        protocol: Protocol,
+    ) -> Request<Body> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
         *req.headers_mut() = self.headers;
-        match host {
-            HostHeader::Target => {
-                req.headers_mut()
-                    .insert(header::HOST, ep.host_value.clone());
+        let authority = match host {
+            HostHeader::Target => Some(ep.host_value.clone()),
+            HostHeader::Preserve => self.client_host,
+            HostHeader::Fixed(v) => Some(v.clone()),
+        };
+        if protocol == Protocol::Http1 {
+            *req.version_mut() = http::Version::HTTP_11;
+            *req.uri_mut() = self.uri;
+            if let Some(v) = authority {
+                req.headers_mut().insert(header::HOST, v);
             }
-            HostHeader::Preserve => {}
-            HostHeader::Fixed(v) => {
-                req.headers_mut().insert(header::HOST, v.clone());
-            }
+        } else {
+            *req.version_mut() = http::Version::HTTP_2;
+            let scheme = if protocol == Protocol::H2 {
+                "https"
+            } else {
+                "http"
+            };
+            let pq = self.uri.path_and_query().map_or("/", |p| p.as_str());
+            let auth = authority
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(&ep.target);
+            *req.uri_mut() = Uri::try_from(format!("{scheme}://{auth}{pq}")).unwrap_or(self.uri);
+            req.headers_mut().remove(header::HOST);
         }
         req
     }
@@ -159,7 +205,10 @@ impl ProxyAction {
         ctx: &mut Ctx,
     ) -> Result<Response<Body>, GatewayError> {
         let (mut parts, body) = req.into_parts();
-        let upgrade = self.upgrades && forward::wants_upgrade(&parts.headers);
+        let protocol = self.upstream.spec.protocol;
+        // Upgrades (WebSocket) need an HTTP/1.1 upstream.
+        let upgrade =
+            self.upgrades && protocol == Protocol::Http1 && forward::wants_upgrade(&parts.headers);
         let client_upgrade = if upgrade {
             parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
         } else {
@@ -217,15 +266,19 @@ impl ProxyAction {
         let out = Outgoing {
             method: parts.method,
             uri: parts.uri,
-            version: parts.version,
             headers: parts.headers,
+            client_host: ctx.host_header.clone(),
         };
 
         self.upstream.budget.on_request();
-        let deadline = self
-            .timeouts
-            .request
-            .map(|d| tokio::time::Instant::now() + d);
+        // gRPC clients state their deadline; the tighter of it and the
+        // route's `request` timeout applies (the header goes upstream as is).
+        let grpc_timeout = out.headers.get(&GRPC_TIMEOUT).and_then(parse_grpc_timeout);
+        let limit = match (self.timeouts.request, grpc_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = limit.map(|d| tokio::time::Instant::now() + d);
         let exchange = self.exchange(out, body, done, key, replayable, upgrade, deadline);
         let (resp, lease) = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
@@ -293,9 +346,10 @@ impl ProxyAction {
             // Keep a copy only when a retry after sending is possible.
             let spare =
                 (replayable && retry.after_send() && attempt < retry.attempts).then(|| out.copy());
-            let req = out.into_request(body, &ep, &self.host);
+            let out_host = out.client_host.clone();
+            let req = out.into_request(body, &ep, &self.host, up.spec.protocol);
             let started = Instant::now();
-            let sending = lease.sender().try_send_request(req);
+            let sending = lease.sender().send(req);
             // The response-header timeout starts once the request is fully
             // sent: a long upload is not a slow upstream.
             let waited = match (self.timeouts.response_header, &done) {
@@ -334,8 +388,8 @@ impl ProxyAction {
                             out = Outgoing {
                                 method: p.method,
                                 uri: p.uri,
-                                version: p.version,
                                 headers: p.headers,
+                                client_host: out_host.clone(),
                             };
                             body = b;
                             continue;
@@ -434,4 +488,24 @@ async fn splice(
         }
     }
     drop(lease);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        let p = |s: &'static str| parse_grpc_timeout(&HeaderValue::from_static(s));
+        assert_eq!(p("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(p("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(p("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(p("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(p("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(p("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(p("S"), None);
+        assert_eq!(p("123456789S"), None);
+        assert_eq!(p("10s"), None);
+        assert_eq!(p("-1S"), None);
+    }
 }

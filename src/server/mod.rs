@@ -14,16 +14,18 @@ pub mod service;
 use crate::config;
 use crate::snapshot::{compile, ListenerSpec, Snapshot};
 use arc_swap::ArcSwap;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 /// How often the config file is checked for changes (`watch_config`).
@@ -95,6 +97,11 @@ impl Shared {
         }
         for up in next.upstreams.values() {
             up.start();
+        }
+        for l in &next.listeners {
+            if let Some(t) = &l.spec.tls.terminator {
+                t.start();
+            }
         }
         let keep: Vec<Arc<str>> = next.listeners.iter().map(|l| l.spec.name.clone()).collect();
         self.snapshot.store(Arc::new(next));
@@ -201,6 +208,11 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
     for up in snapshot.upstreams.values() {
         up.start();
     }
+    for l in &snapshot.listeners {
+        if let Some(t) = &l.spec.tls.terminator {
+            t.start();
+        }
+    }
     let mut listeners = Vec::new();
     for l in &snapshot.listeners {
         let listener = bind(l.spec.addr).map_err(|e| {
@@ -237,6 +249,8 @@ pub struct ConnCtx {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The verified client certificate (TLS listeners with `client_auth`).
+    pub client_identity: Option<Arc<crate::tls::ClientIdentity>>,
 }
 
 /// Open connections of one listener, in total and per client IP.
@@ -247,7 +261,7 @@ struct ListenerLoad {
 }
 
 /// Holds one connection's place in its listener's counts.
-struct ConnPermit {
+pub struct ConnPermit {
     load: Arc<ListenerLoad>,
     ip: Option<IpAddr>,
 }
@@ -322,11 +336,19 @@ async fn accept_loop(
                     drop(stream);
                     continue;
                 };
+                let _ = stream.set_nodelay(true);
+                if let Some(tls) = spec.tls.terminator.clone() {
+                    // The handshake runs in the connection's own task.
+                    let (shared, name) = (shared.clone(), name.clone());
+                    tokio::spawn(serve_tls(stream, tls, shared, name, peer, spec, permit));
+                    continue;
+                }
                 let ctx = Arc::new(ConnCtx {
                     shared: shared.clone(),
                     listener: name.clone(),
                     peer,
                     tls: false,
+                    client_identity: None,
                 });
                 tokio::spawn(serve_connection(stream, ctx, spec, permit));
             }
@@ -339,6 +361,38 @@ async fn accept_loop(
     }
 }
 
+/// A TLS connection: the handshake (within `header_read_timeout`), then
+/// HTTP over it like any connection. Failed handshakes are counted in
+/// `tls::HANDSHAKE_FAILURES`.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    tls: Arc<crate::tls::TlsTerminator>,
+    shared: Arc<Shared>,
+    listener: Arc<str>,
+    peer: SocketAddr,
+    spec: ListenerSpec,
+    permit: ConnPermit,
+) {
+    let accepted = match tls.accept(stream, spec.header_read_timeout).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(listener = %listener, peer = %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    if *shared.shutdown.borrow() {
+        return;
+    }
+    let ctx = Arc::new(ConnCtx {
+        shared,
+        listener,
+        peer,
+        tls: true,
+        client_identity: accepted.identity,
+    });
+    serve_connection(accepted.stream, ctx, spec, permit).await
+}
+
 struct ConnGuard(Arc<Shared>);
 
 impl Drop for ConnGuard {
@@ -347,35 +401,109 @@ impl Drop for ConnGuard {
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    ctx: Arc<ConnCtx>,
-    spec: ListenerSpec,
-    _permit: ConnPermit,
-) {
-    let _ = stream.set_nodelay(true);
+/// Serves one accepted connection: HTTP/1.1, or HTTP/2 when the client
+/// speaks it (prior-knowledge preface on plain listeners, ALPN on TLS ones),
+/// until it closes, its lifetime ends, or the gateway shuts down.
+pub async fn serve_connection<I>(io: I, ctx: Arc<ConnCtx>, spec: ListenerSpec, permit: ConnPermit)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     ctx.shared.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(ctx.shared.clone());
-    let mut shutdown = ctx.shared.shutdown.subscribe();
+    let _permit = permit;
     let svc_ctx = ctx.clone();
+    let hsts = spec.tls.hsts.clone();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
+        let hsts = hsts.clone();
         // Boxed per request: hyper keeps the slot for a connection's
         // request future for the connection's whole life, so an inline future
         // (~5 KB) would cost every idle keep-alive connection that much.
-        Box::pin(async move { Ok::<_, Infallible>(service::handle(&ctx, req).await) })
+        Box::pin(async move {
+            let mut resp = service::handle(&ctx, req).await;
+            if let Some(v) = hsts {
+                resp.headers_mut()
+                    .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
+            }
+            Ok::<_, Infallible>(resp)
+        })
     });
-    let mut builder = http1::Builder::new();
+    if !spec.http2 {
+        // HTTP/1 only. (The auto builder's `http1_only` does not apply to
+        // connections served with upgrades, so use hyper's own builder.)
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(spec.header_read_timeout)
+            .max_buf_size(spec.max_header_bytes)
+            .max_headers(spec.max_headers);
+        let conn = h1
+            .serve_connection(
+                TokioIo::new(crate::strict::io::StrictIo::new(io, spec.max_header_bytes)),
+                svc,
+            )
+            .with_upgrades();
+        return drive(conn, &ctx, &spec).await;
+    }
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(spec.header_read_timeout)
         .max_buf_size(spec.max_header_bytes)
         .max_headers(spec.max_headers);
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(spec.max_concurrent_streams)
+        .max_header_list_size(spec.max_header_bytes.min(u32::MAX as usize) as u32)
+        // Rapid reset (CVE-2023-44487): a client that keeps resetting streams
+        // it opened, or provoking resets, is sent GOAWAY.
+        .max_pending_accept_reset_streams(Some(spec.max_concurrent_streams as usize * 2))
+        .max_local_error_reset_streams(Some(1024));
+    let conn = builder.serve_connection_with_upgrades(
+        TokioIo::new(crate::strict::io::StrictIo::new(io, spec.max_header_bytes)),
+        svc,
+    );
+    drive(conn, &ctx, &spec).await
+}
+
+/// A served connection that can be asked to finish gracefully.
+trait Graceful: Future {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+impl<I, S, E> Graceful for auto::UpgradeableConnection<'_, I, S, E>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+/// Runs a connection to its end, asking it to finish gracefully on shutdown
+/// or when it reaches its maximum lifetime (the in-flight request completes).
+async fn drive<C, E>(conn: C, ctx: &ConnCtx, spec: &ListenerSpec)
+where
+    C: Graceful<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut shutdown = ctx.shared.shutdown.subscribe();
     tokio::pin!(conn);
-    // Past its lifetime a connection finishes its in-flight request, then closes.
     let lifetime = async {
         match spec.max_connection_lifetime {
             Some(t) => tokio::time::sleep(t).await,
@@ -394,11 +522,11 @@ async fn serve_connection(
             }
             _ = shutdown.changed(), if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().graceful();
             }
             _ = &mut lifetime, if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().graceful();
             }
         }
     }

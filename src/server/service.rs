@@ -1,6 +1,9 @@
 //! The request lifecycle, in order:
 //! 1. take the live snapshot and the listener's router;
-//! 2. establish the request id and the real client address;
+//! 2. establish the request id; refuse request-smuggling shapes
+//!    (`strict`) and normalise the path (`normalize`), 400 on failure;
+//!    on a `redirect_to_https` listener answer 308; replace the client
+//!    identity header (`tls`); establish the real client address;
 //! 3. match a route (404 when none);
 //! 4. run the route's policies' `on_request` in order (any may answer);
 //! 5. run the action;
@@ -20,15 +23,17 @@ use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use std::borrow::Cow;
 
-pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
     let snapshot = conn.shared.snapshot.load_full();
+    // Gateway-made errors for gRPC calls are gRPC errors, not JSON.
+    let grpc = is_grpc(req.headers());
     let request_id = match req.headers().get(&X_REQUEST_ID) {
         Some(v) if valid_request_id(v) => v.clone(),
         _ => new_request_id(),
     };
     let Some(lr) = snapshot.listener(&conn.listener) else {
         let e = GatewayError::new(ErrorKind::RouteNotFound, "listener no longer configured");
-        return finish(e.to_response(Some(&request_id)), request_id);
+        return finish(e.respond(Some(&request_id), grpc), request_id);
     };
     let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri_len > lr.spec.max_uri_bytes {
@@ -36,8 +41,25 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
             ErrorKind::UriTooLong,
             format!("request target longer than {} bytes", lr.spec.max_uri_bytes),
         );
-        return finish(e.to_response(Some(&request_id)), request_id);
+        return finish(e.respond(Some(&request_id), grpc), request_id);
     }
+    // After the length check, so the limit applies to the target as sent.
+    if let Err(e) = harden(&mut req) {
+        return finish(e.respond(Some(&request_id), grpc), request_id);
+    }
+    if let Some(r) = &lr.spec.tls.redirect_to_https {
+        let resp = r.respond(&req);
+        return finish(
+            resp.unwrap_or_else(|e| e.respond(Some(&request_id), grpc)),
+            request_id,
+        );
+    }
+    // The client's own identity header is always dropped; ours is set.
+    crate::tls::apply_identity_header(
+        req.headers_mut(),
+        lr.spec.tls.client_identity_header.as_ref(),
+        conn.client_identity.as_ref(),
+    );
 
     let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
@@ -60,7 +82,7 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
             ErrorKind::RouteNotFound,
             format!("no route for {} {}", req.method(), req.uri().path()),
         );
-        return finish(e.to_response(Some(&request_id)), request_id);
+        return finish(e.respond(Some(&request_id), grpc), request_id);
     };
     drop(host);
     let route = &lr.routes[matched.route];
@@ -86,7 +108,7 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
     };
     let body_limit = route.max_body_bytes.unwrap_or(lr.spec.max_body_bytes);
     if let Some(e) = declared_body_too_large(req.headers(), body_limit) {
-        return finish(e.to_response(Some(&ctx.request_id)), ctx.request_id);
+        return finish(e.respond(Some(&ctx.request_id), grpc), ctx.request_id);
     }
     let mut req = if http_body::Body::is_end_stream(req.body())
         || (body_limit == u64::MAX && lr.spec.body_read_timeout.is_none())
@@ -109,7 +131,7 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
         match policy.on_request(&mut req, &mut ctx).resolve().await {
             Ok(Flow::Continue) => {}
             Ok(Flow::Respond(r)) => {
-                answered = Some(Ok(r));
+                answered = Some(Ok(*r));
                 break;
             }
             Err(e) => {
@@ -126,7 +148,7 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(route = %ctx.route, request_id = ?ctx.request_id, error = %e, "request failed");
-            e.to_response(Some(&ctx.request_id))
+            e.respond(Some(&ctx.request_id), grpc)
         }
     };
     for policy in route.policies[..ran].iter().rev() {
@@ -148,6 +170,29 @@ fn declared_body_too_large(h: &http::HeaderMap, limit: u64) -> Option<GatewayErr
         .parse()
         .ok()?;
     (len > limit).then(|| GatewayError::from_body(crate::body::BodyError::TooLarge(limit)))
+}
+
+/// Strict HTTP/1.1 and path normalisation (docs/configuration.md,
+/// "Hardening"): refuses smuggling shapes (and closes the connection), then
+/// normalises the path in place, so routing, captures, policies and the
+/// upstream all see the same path.
+fn harden(req: &mut Request<Incoming>) -> Result<(), GatewayError> {
+    if let Err(v) = crate::strict::check_request(req) {
+        return Err(GatewayError::new(ErrorKind::BadRequest, v.message())
+            .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+    }
+    match crate::normalize::normalize_uri(req.uri()) {
+        Ok(Some(uri)) => *req.uri_mut() = uri,
+        Ok(None) => {}
+        Err(e) => return Err(GatewayError::new(ErrorKind::BadRequest, e.to_string())),
+    }
+    Ok(())
+}
+
+/// `content-type: application/grpc` (and `+proto` etc.).
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn finish(mut resp: Response<Body>, request_id: HeaderValue) -> Response<Body> {

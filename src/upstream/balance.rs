@@ -231,7 +231,11 @@ mod tests {
                     addr,
                     format!("t{i}:80").into(),
                     *w,
-                    Pool::new(1, Duration::from_secs(1)),
+                    Pool::new(
+                        crate::config::model::Protocol::Http1,
+                        1,
+                        Duration::from_secs(1),
+                    ),
                 ))
             })
             .collect()

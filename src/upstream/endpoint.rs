@@ -17,6 +17,8 @@ pub struct Endpoint {
     pub pool: Pool,
     pub health: Health,
     pub load: Load,
+    /// TLS to this endpoint's target, if the upstream uses TLS.
+    pub tls: Option<crate::tls::TargetTls>,
 }
 
 impl Endpoint {
@@ -31,7 +33,14 @@ impl Endpoint {
             pool,
             health: Health::default(),
             load: Load::default(),
+            tls: None,
         }
+    }
+
+    /// Connections to this endpoint use `tls`.
+    pub fn with_tls(mut self, tls: Option<crate::tls::TargetTls>) -> Endpoint {
+        self.tls = tls;
+        self
     }
 }
 

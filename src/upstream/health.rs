@@ -151,6 +151,10 @@ impl ActiveCheck {
         let attempt = async {
             let stream = TcpStream::connect(ep.addr).await.ok()?;
             let _ = stream.set_nodelay(true);
+            // Over TLS when the upstream uses it (same verification as requests).
+            let stream = crate::tls::ClientStream::connect(ep.tls.as_ref(), stream)
+                .await
+                .ok()?;
             let (mut tx, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
             tokio::spawn(conn);
             let host = self.host.as_deref().unwrap_or(&ep.target);

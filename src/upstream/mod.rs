@@ -35,6 +35,8 @@ pub struct TargetSpec {
     pub fixed: Option<SocketAddr>,
     /// `host:port` as written.
     pub authority: Arc<str>,
+    /// TLS to this target (`upstreams[].tls`).
+    pub tls: Option<crate::tls::TargetTls>,
 }
 
 /// How to derive the consistent-hash key from a request.
@@ -114,8 +116,12 @@ impl Upstream {
         up
     }
 
-    fn pool_settings(&self) -> (usize, Duration) {
-        (self.spec.pool.max_idle, self.spec.pool.idle_timeout.0)
+    fn pool_settings(&self) -> (model::Protocol, usize, Duration) {
+        (
+            self.spec.protocol,
+            self.spec.pool.max_idle,
+            self.spec.pool.idle_timeout.0,
+        )
     }
 
     /// Replaces the endpoint set with `addrs` (address, target index),
@@ -132,13 +138,20 @@ impl Upstream {
         for (addr, ti) in addrs {
             let t = &self.targets[*ti];
             let ep = match old.get(&(*addr, &*t.authority)) {
-                Some(e) if e.weight == t.weight && e.pool.settings() == settings => Arc::clone(e),
-                _ => Arc::new(Endpoint::new(
-                    *addr,
-                    t.authority.clone(),
-                    t.weight,
-                    Pool::new(settings.0, settings.1),
-                )),
+                Some(e)
+                    if e.weight == t.weight && e.pool.settings() == settings && e.tls == t.tls =>
+                {
+                    Arc::clone(e)
+                }
+                _ => Arc::new(
+                    Endpoint::new(
+                        *addr,
+                        t.authority.clone(),
+                        t.weight,
+                        Pool::new(settings.0, settings.1, settings.2),
+                    )
+                    .with_tls(t.tls.clone()),
+                ),
             };
             if !endpoints
                 .iter()

@@ -7,22 +7,54 @@
 
 use super::endpoint::Endpoint;
 use crate::body::{Body, BodyDone};
+use crate::config::model::Protocol;
 use crate::error::{ErrorKind, GatewayError};
-use hyper::client::conn::http1;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
 use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
-type Sender = http1::SendRequest<Body>;
+type H1 = http1::SendRequest<Body>;
+type H2 = http2::SendRequest<Body>;
+
+/// A connection's request handle: HTTP/1.1 (one exchange at a time, pooled
+/// LIFO) or HTTP/2 (multiplexed, one shared connection per endpoint).
+pub enum Sender {
+    H1(H1),
+    H2(H2),
+}
+
+impl Sender {
+    /// Sends the request; an error carries the request back when it was
+    /// never written (so it can be re-sent elsewhere).
+    pub async fn send(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
 
 struct Idle {
-    tx: Sender,
+    tx: H1,
     since: Instant,
 }
 
 pub struct Pool {
+    protocol: Protocol,
     idle: Mutex<Vec<Idle>>,
+    /// The shared HTTP/2 connection (h2 and h2c upstreams).
+    shared: Mutex<Option<H2>>,
+    /// Held while an HTTP/2 connection is being made, so that concurrent
+    /// first requests share one connection instead of racing to open many.
+    connecting: tokio::sync::Mutex<()>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -32,16 +64,19 @@ pub struct Pool {
 const READY_GRACE: Duration = Duration::from_millis(250);
 
 impl Pool {
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> Pool {
+    pub fn new(protocol: Protocol, max_idle: usize, idle_timeout: Duration) -> Pool {
         Pool {
+            protocol,
+            shared: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             idle: Mutex::new(Vec::new()),
             max_idle,
             idle_timeout,
         }
     }
 
-    pub fn settings(&self) -> (usize, Duration) {
-        (self.max_idle, self.idle_timeout)
+    pub fn settings(&self) -> (Protocol, usize, Duration) {
+        (self.protocol, self.max_idle, self.idle_timeout)
     }
 
     pub fn idle_count(&self) -> usize {
@@ -52,7 +87,7 @@ impl Pool {
         self.idle.lock().ok()?.pop()
     }
 
-    fn put(&self, tx: Sender) {
+    fn put(&self, tx: H1) {
         if self.max_idle == 0 || tx.is_closed() {
             return;
         }
@@ -92,6 +127,9 @@ pub async fn checkout(
     connect_timeout: Option<Duration>,
     fresh: bool,
 ) -> Result<Lease, GatewayError> {
+    if ep.pool.protocol != Protocol::Http1 {
+        return checkout_h2(ep, connect_timeout).await;
+    }
     if !fresh {
         while let Some(mut idle) = ep.pool.pop() {
             if idle.tx.is_closed() {
@@ -103,20 +141,52 @@ pub async fn checkout(
                 break;
             }
             if idle.tx.is_ready() {
-                return Ok(Lease::new(idle.tx, ep.clone()));
+                return Ok(Lease::new(Sender::H1(idle.tx), ep.clone()));
             }
             if let Ok(Ok(())) = tokio::time::timeout(READY_GRACE, idle.tx.ready()).await {
-                return Ok(Lease::new(idle.tx, ep.clone()));
+                return Ok(Lease::new(Sender::H1(idle.tx), ep.clone()));
             }
         }
     }
     // Boxed: connecting is the rare path and its future is large; keeping it
     // out of line keeps every request's (and idle connection's) state small.
     let tx = Box::pin(connect(ep, connect_timeout)).await?;
-    Ok(Lease::new(tx, ep.clone()))
+    Ok(Lease::new(Sender::H1(tx), ep.clone()))
 }
 
-async fn connect(ep: &Endpoint, connect_timeout: Option<Duration>) -> Result<Sender, GatewayError> {
+/// HTTP/2: every request shares the endpoint's one connection; a new one is
+/// made when there is none or it closed.
+async fn checkout_h2(
+    ep: &Arc<Endpoint>,
+    connect_timeout: Option<Duration>,
+) -> Result<Lease, GatewayError> {
+    let current = || {
+        ep.pool
+            .shared
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().filter(|s| !s.is_closed()).cloned())
+    };
+    if let Some(tx) = current() {
+        return Ok(Lease::new(Sender::H2(tx), ep.clone()));
+    }
+    let _connecting = ep.pool.connecting.lock().await;
+    if let Some(tx) = current() {
+        return Ok(Lease::new(Sender::H2(tx), ep.clone()));
+    }
+    let tx = Box::pin(connect_h2(ep, connect_timeout)).await?;
+    if let Ok(mut g) = ep.pool.shared.lock() {
+        *g = Some(tx.clone());
+    }
+    Ok(Lease::new(Sender::H2(tx), ep.clone()))
+}
+
+/// Connects to `ep`: TCP, then TLS when the upstream uses it (the
+/// handshake has its own `connect_timeout`).
+async fn tcp(
+    ep: &Endpoint,
+    connect_timeout: Option<Duration>,
+) -> Result<crate::tls::ClientStream, GatewayError> {
     let unreachable = |msg: String| GatewayError::new(ErrorKind::UpstreamUnreachable, msg);
     let connecting = TcpStream::connect(ep.addr);
     let stream = match connect_timeout {
@@ -127,6 +197,40 @@ async fn connect(ep: &Endpoint, connect_timeout: Option<Duration>) -> Result<Sen
     }
     .map_err(|e| unreachable(format!("cannot connect to {}: {e}", ep.addr)))?;
     let _ = stream.set_nodelay(true);
+    let handshake = crate::tls::ClientStream::connect(ep.tls.as_ref(), stream);
+    match connect_timeout {
+        Some(t) => tokio::time::timeout(t, handshake).await.map_err(|_| {
+            unreachable(format!(
+                "TLS handshake with {} timed out after {:?}",
+                ep.addr, t
+            ))
+        })?,
+        None => handshake.await,
+    }
+    .map_err(|e| unreachable(format!("TLS handshake with {} failed: {e}", ep.addr)))
+}
+
+async fn connect_h2(ep: &Endpoint, connect_timeout: Option<Duration>) -> Result<H2, GatewayError> {
+    let stream = tcp(ep, connect_timeout).await?;
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| {
+            GatewayError::new(
+                ErrorKind::UpstreamUnreachable,
+                format!("HTTP/2 handshake with {} failed: {e}", ep.addr),
+            )
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(tx)
+}
+
+async fn connect(ep: &Endpoint, connect_timeout: Option<Duration>) -> Result<H1, GatewayError> {
+    let unreachable = |msg: String| GatewayError::new(ErrorKind::UpstreamUnreachable, msg);
+    let stream = tcp(ep, connect_timeout).await?;
     let (tx, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -181,10 +285,14 @@ impl Lease {
             .expect("lease holds a connection until released")
     }
 
+    pub fn is_http2(&self) -> bool {
+        matches!(self.tx, Some(Sender::H2(_)))
+    }
+
     /// The exchange completed: the connection goes back to the pool if it can.
     pub fn release(mut self) {
         let body_done = self.request_done.as_ref().is_none_or(|d| d.is_set());
-        if let Some(tx) = self.tx.take() {
+        if let Some(Sender::H1(tx)) = self.tx.take() {
             if self.reusable && body_done {
                 self.ep.pool.put(tx);
             }

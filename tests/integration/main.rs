@@ -25,10 +25,12 @@ mod smoke {
 mod balancing;
 mod config_cli;
 mod hardening_http;
+mod http2;
 mod lifecycle;
 mod limits;
 mod proxying;
 mod resilience;
 mod routing;
 mod streaming;
+mod tls;
 mod upgrades;

@@ -91,7 +91,7 @@ async fn streamed_upload_far_larger_than_buffers_arrives_intact_in_bounded_memor
     let gw = gateway(&simple_config(&[up.addr], "", proxy_all())).await;
 
     let watch = RssWatch::start();
-    let req = Request::post(gw.url("/upload"))
+    let req = Request::post("/upload")
         .header("host", "gw")
         .body(PatternBody::new(BIG, 64 * 1024).boxed())
         .unwrap();
@@ -343,7 +343,7 @@ async fn request_trailers_reach_the_upstream() {
         .unwrap();
     drop(tx);
     let body: TestBody = stream_body(rx);
-    let req = Request::post(gw.url("/upload"))
+    let req = Request::post("/upload")
         .header("host", "gw")
         .header("trailer", "x-checksum")
         .body(body)
@@ -379,7 +379,8 @@ async fn slow_upload_is_not_cut_by_the_response_header_timeout() {
     ))
     .await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let req = Request::post(gw.url("/upload"))
+    let req = Request::post("/upload")
+        .header("host", "gw")
         .body(stream_body(rx))
         .unwrap();
     let sending = tokio::spawn(send_streaming(gw.addr(), req));

@@ -11,7 +11,9 @@
 
 pub mod client;
 pub mod conn;
+pub mod h2;
 pub mod live;
+pub mod tls;
 pub mod traffic;
 pub mod upstream;
 

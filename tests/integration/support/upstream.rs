@@ -30,6 +30,21 @@ pub struct TestUpstream {
 }
 
 impl TestUpstream {
+    /// Wraps a server started elsewhere (e.g. the h2c one in `h2.rs`).
+    pub fn from_parts(
+        addr: SocketAddr,
+        hits: Arc<AtomicUsize>,
+        connections: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> TestUpstream {
+        TestUpstream {
+            addr,
+            hits,
+            connections,
+            task,
+        }
+    }
+
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
