@@ -4,8 +4,10 @@
 
 use super::endpoint::Endpoint;
 use crate::clock::now_ms;
+use crate::config::model::Protocol;
 use http_body_util::Empty;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -155,16 +157,37 @@ impl ActiveCheck {
             let stream = crate::tls::ClientStream::connect(ep.tls.as_ref(), stream)
                 .await
                 .ok()?;
-            let (mut tx, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
-            tokio::spawn(conn);
             let host = self.host.as_deref().unwrap_or(&ep.target);
-            let req = http::Request::get(self.path.as_str())
-                .header(http::header::HOST, host)
-                .header(http::header::USER_AGENT, "portico-health-check")
-                .header(http::header::CONNECTION, "close")
-                .body(Empty::<bytes::Bytes>::new())
-                .ok()?;
-            let resp = tx.send_request(req).await.ok()?;
+            let protocol = ep.pool.settings().0;
+            let ua = "portico-health-check";
+            let resp = if protocol == Protocol::Http1 {
+                let (mut tx, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
+                tokio::spawn(conn);
+                let req = http::Request::get(self.path.as_str())
+                    .header(http::header::HOST, host)
+                    .header(http::header::USER_AGENT, ua)
+                    .header(http::header::CONNECTION, "close")
+                    .body(Empty::<bytes::Bytes>::new())
+                    .ok()?;
+                tx.send_request(req).await.ok()?
+            } else {
+                // h2c / h2: the probe speaks the upstream's protocol; the
+                // authority plays the Host header's part.
+                let (mut tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .ok()?;
+                tokio::spawn(conn);
+                let scheme = if protocol == Protocol::H2 {
+                    "https"
+                } else {
+                    "http"
+                };
+                let req = http::Request::get(format!("{scheme}://{host}{}", self.path))
+                    .header(http::header::USER_AGENT, ua)
+                    .body(Empty::<bytes::Bytes>::new())
+                    .ok()?;
+                tx.send_request(req).await.ok()?
+            };
             Some(resp.status().as_u16())
         };
         match tokio::time::timeout(self.timeout, attempt).await {

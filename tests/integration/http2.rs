@@ -215,3 +215,47 @@ async fn gateway_errors_for_grpc_calls_are_grpc_statuses() {
         assert!(resp.headers().contains_key("grpc-message"), "{path}");
     }
 }
+
+/// Active health checks speak HTTP/2 to h2c upstreams: the healthy target
+/// stays in, the failing one is taken out.
+#[tokio::test]
+async fn active_health_checks_work_on_h2c_upstreams() {
+    let good = h2::start(|req: Request<Incoming>| async move {
+        assert_eq!(req.version(), http::Version::HTTP_2);
+        response(200, "good")
+    })
+    .await;
+    let bad = h2::start(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/healthz" {
+            response(503, "down")
+        } else {
+            response(200, "bad")
+        }
+    })
+    .await;
+    let gw = gateway(&format!(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\nupstreams:\n  - name: up\n    protocol: h2c\n    targets: [{{address: '{}'}}, {{address: '{}'}}]\n    health_check: {{path: /healthz, interval: 50ms, timeout: 1s, unhealthy_threshold: 2, healthy_threshold: 1}}\nroutes:\n  - name: all\n    action: {{proxy: {{upstream: up}}}}\n",
+        good.addr, bad.addr
+    ))
+    .await;
+    // Wait until the failing target has been probed out.
+    let mut settled = false;
+    for _ in 0..200 {
+        let mut all_good = true;
+        for _ in 0..4 {
+            if super::support::client::get(&gw.url("/x")).await.text() != "good" {
+                all_good = false;
+            }
+        }
+        if all_good {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(settled, "the 503-probed target was never taken out");
+    for _ in 0..20 {
+        let r = super::support::client::get(&gw.url("/x")).await;
+        assert_eq!((r.status.as_u16(), r.text()), (200, "good".to_string()));
+    }
+}
