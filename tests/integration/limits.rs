@@ -255,3 +255,38 @@ async fn config_file_changes_are_reloaded() {
     }
     assert!(seen, "the watcher reloaded the changed file");
 }
+
+/// Slowloris: a client dribbling its headers is cut off at
+/// `header_read_timeout`, while other clients are served meanwhile.
+#[tokio::test]
+async fn slowloris_client_is_cut_off_while_others_are_served() {
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(up.addr, "    header_read_timeout: 300ms\n", "").await;
+    let mut slow = RawConn::connect(gw.addr()).await;
+    slow.write(b"GET / HTTP/1.1\r\nhost: x\r\n").await;
+    let dribble = async {
+        // One header line every 100 ms, never finishing the head.
+        for i in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow
+                .try_write(format!("x-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return true;
+            }
+        }
+        false
+    };
+    let served = async {
+        for _ in 0..5 {
+            assert_eq!(client::get(&gw.url("/")).await.status, 200);
+        }
+    };
+    let (cut, ()) = tokio::join!(dribble, served);
+    assert!(
+        cut,
+        "the slow client was disconnected before sending 100 lines"
+    );
+    assert_eq!(up.hits(), 5, "the slow request never reached the upstream");
+}

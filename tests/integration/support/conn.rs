@@ -324,3 +324,20 @@ impl RawConn {
         }
     }
 }
+
+impl RawConn {
+    /// Writes without panicking: an error means the peer closed.
+    pub async fn try_write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let r = self.stream.write_all(bytes).await;
+        if r.is_ok() {
+            // A reset often shows only on the next read: peek for EOF.
+            let mut probe = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(1), self.stream.peek(&mut probe)).await
+            {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        r
+    }
+}
