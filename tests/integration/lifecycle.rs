@@ -73,3 +73,154 @@ async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
     // The listener is closed: new connections are refused.
     assert!(tokio::net::TcpStream::connect(gw.addr()).await.is_err());
 }
+
+/// The reload test config with `extra` routes appended.
+fn config_with(upstream: std::net::SocketAddr, answer: &str, extra: &str) -> String {
+    config(upstream, answer).replace(
+        "  - name: proxied\n",
+        &format!("{extra}  - name: proxied\n"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_reloads_under_load_fail_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let up = upstream::fixed(200, "upstream").await;
+    let path = temp_config("reload-load", &config(up.addr, "v0"));
+    let gw = start_file(&path).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    // Four keep-alive clients, alternating a proxied and a fixed route;
+    // bounded by count (5,000 each) and time (60 s each).
+    for c in 0..4 {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let (fixed, proxied) = (gw.url("/fixed"), gw.url("/p"));
+        clients.push(tokio::spawn(async move {
+            let http = client::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            let mut failures = Vec::new();
+            for i in 0..5000 {
+                if stop.load(Ordering::Relaxed) || tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                let url = if (i + c) % 2 == 0 { &fixed } else { &proxied };
+                let req = http::Request::get(url.as_str())
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                sent.fetch_add(1, Ordering::Relaxed);
+                match tokio::time::timeout(Duration::from_secs(10), http.request(req)).await {
+                    Ok(Ok(r)) if r.status() == 200 => {
+                        use http_body_util::BodyExt;
+                        if let Err(e) = r.into_body().collect().await {
+                            failures.push(format!("{url}: body: {e}"));
+                        }
+                    }
+                    Ok(Ok(r)) => failures.push(format!("{url}: status {}", r.status())),
+                    Ok(Err(e)) => failures.push(format!("{url}: {e}")),
+                    Err(_) => failures.push(format!("{url}: no answer in 10 s")),
+                }
+            }
+            failures
+        }));
+    }
+    // 50 reloads while the clients run: the fixed answer changes every
+    // time and a route comes and goes.
+    for i in 1..=50 {
+        let extra = if i % 2 == 0 {
+            "  - name: extra\n    match: {path: /extra}\n    action: {respond: {status: 204}}\n"
+        } else {
+            ""
+        };
+        std::fs::write(&path, config_with(up.addr, &format!("v{i}"), extra)).unwrap();
+        gw.running.shared.reload().expect("valid config reloads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        sent.load(Ordering::Relaxed) >= 200,
+        "the load ran during the reloads"
+    );
+    assert_eq!(client::get(&gw.url("/fixed")).await.text(), "v50");
+    assert_eq!(client::get(&gw.url("/extra")).await.status, 204);
+}
+
+#[tokio::test]
+async fn websocket_and_sse_streams_survive_reloads_that_keep_their_route() {
+    use super::support::live;
+    use futures_util::{SinkExt, StreamExt};
+    use http_body_util::BodyExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let ws_up = live::ws_echo().await;
+    let (sse_up, mut streams) = live::sse().await;
+    let yaml = |answer: &str| {
+        format!(
+            "listeners:\n  - name: main\n    address: 127.0.0.1:0\nupstreams:\n  - name: ws\n    targets: [{{address: '{}'}}]\n  - name: sse\n    targets: [{{address: '{}'}}]\nroutes:\n  - name: fixed\n    match: {{path: /fixed}}\n    action: {{respond: {{status: 200, body: {answer}}}}}\n  - name: chat\n    match: {{path: /chat}}\n    action: {{proxy: {{upstream: ws}}}}\n  - name: events\n    match: {{path: /events}}\n    action: {{proxy: {{upstream: sse}}}}\n",
+            ws_up.addr, sse_up.addr
+        )
+    };
+    let path = temp_config("streams", &yaml("one"));
+    let gw = start_file(&path).await;
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/chat", gw.addr()))
+        .await
+        .expect("WebSocket through the gateway");
+    let resp = client::new()
+        .request(
+            http::Request::get(gw.url("/events"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .expect("SSE response");
+    let events = tokio::time::timeout(Duration::from_secs(10), streams.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = resp.into_body();
+
+    for round in 0..3 {
+        std::fs::write(&path, yaml(&format!("reloaded-{round}"))).unwrap();
+        gw.running.shared.reload().expect("reload");
+        assert_eq!(
+            client::get(&gw.url("/fixed")).await.text(),
+            format!("reloaded-{round}")
+        );
+
+        let text = format!("after reload {round}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("echo in time")
+            .expect("stream open")
+            .expect("message");
+        assert_eq!(echoed, Message::text(text));
+
+        let event = format!("data: {round}\n\n");
+        events
+            .send(Ok(hyper::body::Frame::data(bytes::Bytes::from(
+                event.clone(),
+            ))))
+            .await
+            .unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("event in time")
+            .expect("stream open")
+            .expect("frame");
+        assert_eq!(frame.into_data().unwrap(), event.as_bytes());
+    }
+}

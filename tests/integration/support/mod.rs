@@ -12,6 +12,7 @@
 pub mod client;
 pub mod conn;
 pub mod h2;
+pub mod h2raw;
 pub mod live;
 pub mod tls;
 pub mod traffic;
