@@ -72,7 +72,6 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  http2_max_requests 1000000;
   http2_max_concurrent_streams 128;
   upstream origin { server 127.0.0.1:18081; keepalive 128; }
   server {
@@ -132,8 +131,8 @@ load() { # scenario seconds -> prints "requests errors rps p99_ms"
       [ "$s" = h2c ] && url=http://127.0.0.1:18082/
       out=$(taskset -c "$LOAD_CPU" h2load -c"$H2_CLIENTS" -m"$H2_STREAMS" -D"$d" "$url" 2>&1)
       awk '
-        /^requests:/ { done = $8; failed = $10; errored = $12 }
-        /^status codes:/ { non2 = $4 + $6 + $8 }
+        /^requests:/ { done = $6; failed = $10; errored = $12 + $14 }
+        /^status codes:/ { non2 = $5 + $7 + $9 }
         /^finished in/ { rps = $4 }
         /^time for request:/ { mean = $6 }
         END { v = mean; if (v ~ /us$/) p = v / 1000; else if (v ~ /ms$/) p = v + 0; else p = v * 1000
