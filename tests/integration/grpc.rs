@@ -277,6 +277,41 @@ async fn grpc_timeout_from_the_client_is_honoured_by_the_gateway() {
     );
 }
 
+/// A deadline that passes while the response streams (its head and first
+/// message came in time) ends the call with DEADLINE_EXCEEDED in the
+/// trailers, not with a reset. (Neither tonic's `Channel` nor its server
+/// enforce `grpc-timeout` once the response head is out.)
+#[tokio::test]
+async fn grpc_timeout_passing_mid_stream_ends_it_with_deadline_exceeded() {
+    let server = grpc::start().await;
+    let gw = gateway(&config(server.addr, "", ECHO_ROUTE)).await;
+    let mut client = grpc::connect(gw.addr()).await;
+
+    let mut req = Request::new(Msg {
+        number: 3,
+        delay_ms: SLOW_MS,
+        ..Msg::default()
+    });
+    req.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut replies = step("stream head", client.count(req))
+        .await
+        .expect("the stream starts")
+        .into_inner();
+    let first = step("message 1", replies.message())
+        .await
+        .expect("message 1 comes before the deadline")
+        .expect("message 1");
+    assert_eq!(first.number, 1);
+    let s = status(step("status", replies.message()).await);
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+    assert!(s.message().starts_with("upstream_timeout: "), "{s:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(SLOW_MS),
+        "at the deadline, not when message 2 was due"
+    );
+}
+
 #[tokio::test]
 async fn no_route_is_unimplemented() {
     let server = grpc::start().await;
