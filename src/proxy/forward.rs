@@ -175,7 +175,10 @@ pub fn set_forwarded(
     }
 
     // Forwarded (RFC 7239).
-    let mut buf = match peer_trusted.then(|| joined(h, &header::FORWARDED)).flatten() {
+    let mut buf = match peer_trusted
+        .then(|| joined(h, &header::FORWARDED))
+        .flatten()
+    {
         Some(mut prev) => {
             prev.push_str(", ");
             prev
