@@ -8,6 +8,14 @@
 //! ones stop accepting while their connections finish. Listener settings
 //! (limits, timeouts) are read from the live snapshot for each new
 //! connection.
+//!
+//! Shutdown and the hand-over of a binary upgrade both *drain*
+//! ([`Shared::begin_drain`]): listeners stop accepting, HTTP/2 connections
+//! are sent GOAWAY, and HTTP/1 connections are closed without racing a client
+//! that is sending its next request on them — each response from then on
+//! carries `Connection: close` (hyper closes after it), and a connection is
+//! closed outright only once it has moved no bytes for [`DRAIN_IDLE_GRACE`]
+//! (or at the drain deadline, [`Phase::Closed`]).
 
 pub mod service;
 
@@ -21,14 +29,33 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 /// How often the config file is checked for changes (`watch_config`).
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// While draining, an idle HTTP/1 connection is closed once it has moved no
+/// bytes for this long (checked at this interval, so it is closed after one
+/// to two graces of silence). Busy connections close by themselves after a
+/// response with `Connection: close`; the grace only spares a client that
+/// is about to reuse a connection that looks idle.
+pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// Where the process is in its life, broadcast to accept loops and
+/// connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Serving,
+    /// Not accepting; connections finish (see the module comment).
+    Draining,
+    /// The drain deadline passed: connections still open are dropped.
+    Closed,
+}
 
 /// A bound listener and the switch that stops its accept loop.
 struct Bound {
@@ -42,8 +69,12 @@ struct Bound {
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub config_path: Option<PathBuf>,
-    shutdown: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
+    /// `phase != Serving`, read by every HTTP/1 request (one relaxed load).
+    draining: AtomicBool,
     connections: AtomicUsize,
+    /// Accept loops still running.
+    accepting: AtomicUsize,
     /// Touched only when listeners are bound or stopped (start, reload).
     listeners: Mutex<HashMap<Arc<str>, Bound>>,
 }
@@ -135,6 +166,7 @@ impl Shared {
         let local = listener.local_addr().unwrap_or(spec.addr);
         let (stop, stopped) = watch::channel(false);
         tracing::info!(listener = %spec.name, address = %local, "listening");
+        let listener = Arc::new(listener);
         bound.insert(
             spec.name.clone(),
             Bound {
@@ -143,7 +175,28 @@ impl Shared {
                 stop,
             },
         );
+        self.accepting.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(accept_loop(listener, spec.name, self.clone(), stopped));
+    }
+
+    /// Starts draining: accept loops stop (the sockets close unless an
+    /// upgraded process holds them too), HTTP/2 connections get GOAWAY,
+    /// HTTP/1 responses carry `Connection: close` and idle HTTP/1
+    /// connections close after [`DRAIN_IDLE_GRACE`].
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.phase.send_if_modified(|p| {
+            let start = *p == Phase::Serving;
+            if start {
+                *p = Phase::Draining;
+            }
+            start
+        });
+    }
+
+    /// Whether draining has started (the process is on its way out).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     pub fn open_connections(&self) -> usize {
@@ -168,16 +221,23 @@ impl Running {
             .unwrap_or_else(|| panic!("no listener named `{listener}`"))
     }
 
-    /// Stops accepting, asks open connections to close once idle and waits
-    /// up to `drain` for them (and for WebSocket tunnels).
+    /// Drains ([`Shared::begin_drain`]) and waits up to `drain` for open
+    /// connections (and WebSocket tunnels) to finish; then drops the
+    /// connections still open.
     pub async fn shutdown(&self, drain: Duration) {
-        let _ = self.shared.shutdown.send(true);
+        self.shared.begin_drain();
         let deadline = tokio::time::Instant::now() + drain;
-        let busy =
-            || self.shared.open_connections() + crate::proxy::TUNNELS.load(Ordering::Relaxed) > 0;
+        let shared = &self.shared;
+        let busy = || {
+            shared.accepting.load(Ordering::Relaxed)
+                + shared.open_connections()
+                + crate::proxy::TUNNELS.load(Ordering::Relaxed)
+                > 0
+        };
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.shared.phase.send_replace(Phase::Closed);
     }
 }
 
@@ -225,12 +285,14 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
         })?;
         listeners.push((listener, l.spec.clone()));
     }
-    let (tx, _) = watch::channel(false);
+    let (phase, _) = watch::channel(Phase::Serving);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         config_path,
-        shutdown: tx,
+        phase,
+        draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        accepting: AtomicUsize::new(0),
         listeners: Mutex::new(HashMap::new()),
     });
     {
@@ -250,6 +312,9 @@ pub struct ConnCtx {
     pub tls: bool,
     /// The verified client certificate (TLS listeners with `client_auth`).
     pub client_identity: Option<Arc<crate::tls::ClientIdentity>>,
+    /// Set when an HTTP/1 connection moves bytes ([`Tracked`]); cleared by
+    /// `drive` while draining, to tell an idle connection from a busy one.
+    io_active: AtomicBool,
 }
 
 /// Open connections of one listener, in total and per client IP.
@@ -305,13 +370,26 @@ impl Drop for ConnPermit {
     }
 }
 
+/// Counts a running accept loop in `Shared::accepting`.
+struct AcceptGuard(Arc<Shared>);
+
+impl Drop for AcceptGuard {
+    fn drop(&mut self) {
+        self.0.accepting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     name: Arc<str>,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut shutdown = shared.shutdown.subscribe();
+    let _guard = AcceptGuard(shared.clone());
+    let mut shutdown = shared.phase.subscribe();
+    if *shutdown.borrow_and_update() != Phase::Serving {
+        return;
+    }
     let load = Arc::new(ListenerLoad::default());
     loop {
         let accepted = tokio::select! {
@@ -348,6 +426,7 @@ async fn accept_loop(
                     peer,
                     tls: false,
                     client_identity: None,
+                    io_active: AtomicBool::new(false),
                 });
                 tokio::spawn(async move {
                     let h2 = spec.http2 && sniff_h2c(&stream, spec.header_read_timeout).await;
@@ -382,15 +461,15 @@ async fn serve_tls(
             return;
         }
     };
-    if *shared.shutdown.borrow() {
-        return;
-    }
+    // Accepted just before draining started: still served (`drive` sees the
+    // phase at once), so that the client's first request does not fail.
     let ctx = Arc::new(ConnCtx {
         shared,
         listener,
         peer,
         tls: true,
         client_identity: accepted.identity,
+        io_active: AtomicBool::new(false),
     });
     let h2 = matches!(accepted.alpn, crate::tls::Alpn::H2);
     serve_connection(accepted.stream, ctx, spec, permit, h2).await
@@ -447,6 +526,8 @@ pub async fn serve_connection<I>(
     let _permit = permit;
     let svc_ctx = ctx.clone();
     let hsts = spec.tls.hsts.clone();
+    // HTTP/1 only: HTTP/2 has no `Connection` header (draining sends GOAWAY).
+    let close_when_draining = !h2;
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let hsts = hsts.clone();
@@ -458,6 +539,16 @@ pub async fn serve_connection<I>(
             if let Some(v) = hsts {
                 resp.headers_mut()
                     .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
+            }
+            // Draining: hyper closes the connection after this response.
+            if close_when_draining
+                && ctx.shared.is_draining()
+                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
             }
             Ok::<_, Infallible>(resp)
         })
@@ -472,20 +563,87 @@ pub async fn serve_connection<I>(
             .max_pending_accept_reset_streams(Some(spec.max_concurrent_streams as usize * 2))
             .max_local_error_reset_streams(Some(1024));
         let conn = b.serve_connection(TokioIo::new(io), svc);
-        return drive(conn, &ctx, &spec).await;
+        return drive(conn, &ctx, &spec, false).await;
     }
     let mut h1 = hyper::server::conn::http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(spec.header_read_timeout)
         .max_buf_size(spec.max_header_bytes)
         .max_headers(spec.max_headers);
+    let io = crate::strict::io::StrictIo::new(io, spec.max_header_bytes);
     let conn = h1
         .serve_connection(
-            TokioIo::new(crate::strict::io::StrictIo::new(io, spec.max_header_bytes)),
+            TokioIo::new(Tracked {
+                io,
+                ctx: ctx.clone(),
+            }),
             svc,
         )
         .with_upgrades();
-    drive(conn, &ctx, &spec).await
+    drive(conn, &ctx, &spec, true).await
+}
+
+/// An HTTP/1 connection's socket that notes, in `ConnCtx::io_active`, when
+/// bytes move (one relaxed store per read or write), so that draining
+/// closes only connections that stay idle.
+struct Tracked<I> {
+    io: I,
+    ctx: Arc<ConnCtx>,
+}
+
+impl<I> Tracked<I> {
+    fn mark<T>(&self, r: Poll<T>) -> Poll<T> {
+        if r.is_ready() {
+            self.ctx.io_active.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tracked<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.mark(r)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.mark(r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.mark(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// A served connection that can be asked to finish gracefully.
@@ -516,14 +674,21 @@ where
     }
 }
 
-/// Runs a connection to its end, asking it to finish gracefully on shutdown
-/// or when it reaches its maximum lifetime (the in-flight request completes).
-async fn drive<C, E>(conn: C, ctx: &ConnCtx, spec: &ListenerSpec)
+/// Runs a connection to its end, asking it to finish gracefully at its
+/// maximum lifetime (the in-flight request completes) or when draining
+/// starts: HTTP/2 at once (GOAWAY), HTTP/1 (`http1`) once it has moved no
+/// bytes for [`DRAIN_IDLE_GRACE`] — until then each response carries
+/// `Connection: close`, so a busy connection closes after its response. At
+/// [`Phase::Closed`] the connection is dropped.
+async fn drive<C, E>(conn: C, ctx: &ConnCtx, spec: &ListenerSpec, http1: bool)
 where
     C: Graceful<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut shutdown = ctx.shared.shutdown.subscribe();
+    let mut phase = ctx.shared.phase.subscribe();
+    // Accepted as draining started: `changed` would not report it.
+    let mut seen = Phase::Serving;
+    let mut now = *phase.borrow_and_update();
     tokio::pin!(conn);
     let lifetime = async {
         match spec.max_connection_lifetime {
@@ -533,7 +698,29 @@ where
     };
     tokio::pin!(lifetime);
     let mut closing = false;
+    let mut watching = true;
+    // Draining HTTP/1: the next idleness check (boxed: only draining
+    // connections pay for a timer).
+    let mut idle_check: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
+        if now != seen {
+            seen = now;
+            match now {
+                Phase::Closed => {
+                    tracing::debug!(peer = %ctx.peer, "drain deadline: connection dropped");
+                    break;
+                }
+                Phase::Draining if !closing && !http1 => {
+                    closing = true;
+                    conn.as_mut().graceful();
+                }
+                Phase::Draining if !closing => {
+                    ctx.io_active.store(false, Ordering::Relaxed);
+                    idle_check = Some(Box::pin(tokio::time::sleep(DRAIN_IDLE_GRACE)));
+                }
+                _ => {}
+            }
+        }
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -541,15 +728,37 @@ where
                 }
                 break;
             }
-            _ = shutdown.changed(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful();
+            changed = phase.changed(), if watching => {
+                match changed {
+                    Ok(()) => now = *phase.borrow_and_update(),
+                    Err(_) => watching = false,
+                }
             }
             _ = &mut lifetime, if !closing => {
                 closing = true;
                 conn.as_mut().graceful();
             }
+            _ = tick(&mut idle_check), if idle_check.is_some() && !closing => {
+                if ctx.io_active.swap(false, Ordering::Relaxed) {
+                    if let Some(t) = idle_check.as_mut() {
+                        t.as_mut().reset(tokio::time::Instant::now() + DRAIN_IDLE_GRACE);
+                    }
+                } else {
+                    // Idle for a whole grace: hyper closes it now (or, if a
+                    // request is in progress after all, after its response).
+                    closing = true;
+                    idle_check = None;
+                    conn.as_mut().graceful();
+                }
+            }
         }
+    }
+}
+
+async fn tick(t: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match t {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -563,7 +772,7 @@ async fn watch_config(shared: Arc<Shared>, path: PathBuf) {
             .map(|m| (m.ino(), m.dev(), m.len(), m.mtime(), m.mtime_nsec()))
     };
     let mut last = stamp(&path);
-    let mut shutdown = shared.shutdown.subscribe();
+    let mut shutdown = shared.phase.subscribe();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(WATCH_INTERVAL) => {}
