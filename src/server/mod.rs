@@ -17,7 +17,10 @@
 //! closed outright only once it has moved no bytes for [`DRAIN_IDLE_GRACE`]
 //! (or at the drain deadline, [`Phase::Closed`]).
 
+pub mod notify;
 pub mod service;
+mod sys;
+pub mod upgrade;
 
 use crate::config;
 use crate::snapshot::{compile, ListenerSpec, Snapshot};
@@ -63,6 +66,10 @@ struct Bound {
     configured: SocketAddr,
     local: SocketAddr,
     stop: watch::Sender<bool>,
+    /// The socket (shared with the accept loop), for a binary upgrade to
+    /// pass on. Let go of when draining starts, so the socket closes as soon
+    /// as its accept loop ends.
+    listener: Option<Arc<TcpListener>>,
 }
 
 /// State shared by every connection.
@@ -173,6 +180,7 @@ impl Shared {
                 configured: spec.addr,
                 local,
                 stop,
+                listener: Some(listener.clone()),
             },
         );
         self.accepting.fetch_add(1, Ordering::Relaxed);
@@ -185,6 +193,11 @@ impl Shared {
     /// connections close after [`DRAIN_IDLE_GRACE`].
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        if let Ok(mut bound) = self.listeners.lock() {
+            for b in bound.values_mut() {
+                b.listener = None;
+            }
+        }
         self.phase.send_if_modified(|p| {
             let start = *p == Phase::Serving;
             if start {
@@ -256,6 +269,17 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Binds every listener of `snapshot` and starts serving. Listener addresses
 /// with port 0 get a free port (see [`Running::addr`]).
 pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io::Result<Running> {
+    start_with(snapshot, config_path, &mut upgrade::Inherited::default()).await
+}
+
+/// [`start`], taking the sockets a parent process handed over (binary
+/// upgrade) for listeners whose name and configured address match, instead
+/// of binding them; the inherited sockets no listener takes are closed.
+pub async fn start_with(
+    snapshot: Snapshot,
+    config_path: Option<PathBuf>,
+    inherited: &mut upgrade::Inherited,
+) -> std::io::Result<Running> {
     // Named targets are resolved before the first request (bounded wait).
     let resolving: Vec<_> = snapshot.upstreams.values().cloned().collect();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -274,7 +298,16 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
     }
     let mut listeners = Vec::new();
     for l in &snapshot.listeners {
-        let listener = bind(l.spec.addr).map_err(|e| {
+        let listener = match inherited.take(&l.spec.name, l.spec.addr) {
+            Some(socket) => {
+                tracing::info!(listener = %l.spec.name, address = %l.spec.addr, "upgrade: using the inherited socket");
+                socket
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(socket))
+            }
+            None => bind(l.spec.addr),
+        }
+        .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(
@@ -285,6 +318,7 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
         })?;
         listeners.push((listener, l.spec.clone()));
     }
+    inherited.close_unused();
     let (phase, _) = watch::channel(Phase::Serving);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
@@ -791,30 +825,100 @@ async fn watch_config(shared: Arc<Shared>, path: PathBuf) {
     }
 }
 
-/// Serves `path` until SIGTERM/SIGINT; SIGHUP and file changes reload.
-pub async fn serve_file(path: &Path, snapshot: Snapshot) -> Result<(), String> {
+/// An upgrade under way: the new process's pid once it serves, or why not.
+type Upgrading = Pin<Box<dyn Future<Output = Result<u32, String>>>>;
+
+/// Serves `path` until SIGTERM/SIGINT; SIGHUP and file changes reload;
+/// SIGUSR2 upgrades the binary ([`upgrade`]). `launch` says what SIGUSR2
+/// starts and what a parent process handed over, if this process is the
+/// new one of an upgrade. Returns once drained, after SIGTERM/SIGINT or a
+/// completed upgrade.
+pub async fn serve_file(
+    path: &Path,
+    snapshot: Snapshot,
+    launch: upgrade::Launch,
+) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
-    let running = start(snapshot, Some(path.to_path_buf()))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(watch_config(running.shared.clone(), path.to_path_buf()));
+    let upgrade::Launch {
+        relaunch,
+        mut inherited,
+    } = launch;
+    // Handlers first: until they are installed, each of these signals would
+    // kill the process (signals received while starting wait their turn).
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    loop {
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
+    let running = start_with(snapshot, Some(path.to_path_buf()), &mut inherited)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(watch_config(running.shared.clone(), path.to_path_buf()));
+    if inherited.is_upgrade() {
+        // The unit follows the new process (`NotifyAccess=all`) before the
+        // old one, told next, drains and exits.
+        notify::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        inherited.signal_ready();
+        tracing::info!(
+            pid = std::process::id(),
+            "upgrade: serving; the old process drains"
+        );
+    } else {
+        notify::notify("READY=1");
+    }
+    drop(inherited);
+
+    let mut upgrading: Option<Upgrading> = None;
+    let handed_over = loop {
         tokio::select! {
             _ = hup.recv() => {
-                if let Err(e) = running.shared.reload() {
-                    tracing::error!("reload rejected, previous configuration keeps serving:\n{e}");
+                notify::notify(&notify::reloading());
+                match running.shared.reload() {
+                    Ok(()) => notify::notify("READY=1"),
+                    Err(e) => {
+                        tracing::error!("reload rejected, previous configuration keeps serving:\n{e}");
+                        notify::notify(&format!("READY=1\n{}", notify::status("reload rejected; the previous configuration keeps serving (see the log)")));
+                    }
                 }
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = usr2.recv() => {
+                if upgrading.is_some() {
+                    tracing::warn!("SIGUSR2 ignored: an upgrade is already in progress");
+                } else if let Some(relaunch) = relaunch.clone() {
+                    tracing::info!(binary = %relaunch.exe.display(), "SIGUSR2: upgrading: starting the binary with the listening sockets");
+                    let timeout = running.shared.snapshot.load().upgrade_timeout;
+                    upgrading = Some(Box::pin(upgrade::hand_over(running.shared.clone(), relaunch, timeout)));
+                } else {
+                    tracing::error!("SIGUSR2 ignored: the path of this binary is unknown, cannot upgrade");
+                }
+            }
+            r = async { upgrading.as_mut().expect("guarded").await }, if upgrading.is_some() => {
+                upgrading = None;
+                match r {
+                    Ok(pid) => {
+                        tracing::info!(new_pid = pid, "upgrade: the new process serves; this one stops accepting and drains");
+                        break true;
+                    }
+                    Err(e) => {
+                        tracing::error!("upgrade failed, this process keeps serving: {e}");
+                        notify::notify(&notify::status(&format!("upgrade failed: {e}")));
+                    }
+                }
+            }
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
         }
+    };
+    if upgrading.take().is_some() {
+        tracing::warn!("upgrade abandoned: shutting down; the new process was stopped");
+    }
+    if !handed_over {
+        // Not after a hand-over: the unit now follows the new process.
+        notify::notify("STOPPING=1");
     }
     let drain = running.shared.snapshot.load().drain_timeout;
     tracing::info!(drain = ?drain, "shutting down: draining connections");
     running.shutdown(drain).await;
+    tracing::info!("drained; exiting");
     Ok(())
 }
 
