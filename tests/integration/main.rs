@@ -33,4 +33,5 @@ mod resilience;
 mod routing;
 mod streaming;
 mod tls;
+mod upgrade;
 mod upgrades;
