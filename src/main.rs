@@ -14,7 +14,8 @@ USAGE:
     portico --version                         print the version
 
 Logging: PORTICO_LOG=info|debug|warn (default info), to stderr.
-Signals: SIGHUP reloads the config, SIGTERM/SIGINT drain and exit.";
+Signals: SIGHUP reloads the config, SIGTERM/SIGINT drain and exit,
+SIGUSR2 starts the binary at the same path and hands it the listeners.";
 
 struct Args {
     command: String,
@@ -96,6 +97,8 @@ fn main() -> ExitCode {
                 eprintln!("run needs --config FILE");
                 return ExitCode::from(2);
             };
+            // First, before anything opens files: a parent's sockets (upgrade).
+            let launch = portico::server::upgrade::Launch::from_process();
             init_logging();
             let snapshot = match portico::load(&path) {
                 Ok(s) => s,
@@ -125,8 +128,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            tracing::info!(workers, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting portico");
-            match rt.block_on(portico::server::serve_file(&path, snapshot)) {
+            tracing::info!(workers, pid = std::process::id(), config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting portico");
+            match rt.block_on(portico::server::serve_file(&path, snapshot, launch)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");

@@ -79,6 +79,7 @@ pub struct ListenerRoutes {
 
 pub struct Snapshot {
     pub drain_timeout: Duration,
+    pub upgrade_timeout: Duration,
     pub watch_config: bool,
     pub hash: u64,
     pub file: String,
@@ -120,6 +121,9 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
 
     if let Some(0) = cfg.workers {
         c.err("workers", "must be at least 1");
+    }
+    if cfg.upgrade_timeout.0.is_zero() {
+        c.err("upgrade_timeout", "must be more than 0");
     }
 
     // ---- listeners
@@ -276,6 +280,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
 
     Ok(Snapshot {
         drain_timeout: cfg.drain_timeout.0,
+        upgrade_timeout: cfg.upgrade_timeout.0,
         watch_config: cfg.watch_config,
         hash: loaded.hash,
         file: loaded.file.clone(),

@@ -18,6 +18,10 @@ pub struct Config {
     /// On SIGTERM/SIGINT: how long in-flight requests may take to finish.
     #[serde(default = "defaults::drain_timeout")]
     pub drain_timeout: Dur,
+    /// On SIGUSR2: how long the new process may take to start serving before
+    /// the upgrade is abandoned (and the new process killed).
+    #[serde(default = "defaults::upgrade_timeout")]
+    pub upgrade_timeout: Dur,
     /// Reload when the config file changes (in addition to SIGHUP).
     #[serde(default = "defaults::yes")]
     pub watch_config: bool,
@@ -578,6 +582,9 @@ pub(crate) mod defaults {
     }
     pub fn drain_timeout() -> Dur {
         Dur(Duration::from_secs(10))
+    }
+    pub fn upgrade_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
     }
     pub fn resolve_interval() -> Dur {
         Dur(Duration::from_secs(30))

@@ -8,8 +8,20 @@
 //! ones stop accepting while their connections finish. Listener settings
 //! (limits, timeouts) are read from the live snapshot for each new
 //! connection.
+//!
+//! Shutdown and the hand-over of a binary upgrade both *drain*
+//! ([`Shared::begin_drain`]): listeners stop accepting, HTTP/2 connections
+//! are sent GOAWAY, and HTTP/1 connections are closed without racing a client
+//! that is sending its next request on them — each response from then on
+//! carries `Connection: close` (hyper closes after it), and a connection is
+//! closed outright only once it has had no request in flight (and no request
+//! head arriving) for [`DRAIN_IDLE_GRACE`] (or at the drain deadline,
+//! [`Phase::Closed`]).
 
+pub mod notify;
 pub mod service;
+mod sys;
+pub mod upgrade;
 
 use crate::config;
 use crate::snapshot::{compile, ListenerSpec, Snapshot};
@@ -30,20 +42,46 @@ use tokio::sync::watch;
 /// How often the config file is checked for changes (`watch_config`).
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// While draining, an idle HTTP/1 connection is closed once it has had no
+/// request in flight for this long, counted from the start of the drain at
+/// the earliest. Busy connections close by themselves after a response with
+/// `Connection: close`; the grace only spares a client that is about to
+/// reuse a connection that looks idle.
+pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// Where the process is in its life, broadcast to accept loops and
+/// connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Serving,
+    /// Not accepting; connections finish (see the module comment).
+    Draining,
+    /// The drain deadline passed: connections still open are dropped.
+    Closed,
+}
+
 /// A bound listener and the switch that stops its accept loop.
 struct Bound {
     /// The configured address (port 0 stays 0 here).
     configured: SocketAddr,
     local: SocketAddr,
     stop: watch::Sender<bool>,
+    /// The socket (shared with the accept loop), for a binary upgrade to
+    /// pass on. Let go of when draining starts, so the socket closes as soon
+    /// as its accept loop ends.
+    listener: Option<Arc<TcpListener>>,
 }
 
 /// State shared by every connection.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub config_path: Option<PathBuf>,
-    shutdown: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
+    /// `phase != Serving`, read by every HTTP/1 request (one relaxed load).
+    draining: AtomicBool,
     connections: AtomicUsize,
+    /// Accept loops still running.
+    accepting: AtomicUsize,
     /// Touched only when listeners are bound or stopped (start, reload).
     listeners: Mutex<HashMap<Arc<str>, Bound>>,
 }
@@ -135,15 +173,43 @@ impl Shared {
         let local = listener.local_addr().unwrap_or(spec.addr);
         let (stop, stopped) = watch::channel(false);
         tracing::info!(listener = %spec.name, address = %local, "listening");
+        let listener = Arc::new(listener);
         bound.insert(
             spec.name.clone(),
             Bound {
                 configured: spec.addr,
                 local,
                 stop,
+                listener: Some(listener.clone()),
             },
         );
+        self.accepting.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(accept_loop(listener, spec.name, self.clone(), stopped));
+    }
+
+    /// Starts draining: accept loops stop (the sockets close unless an
+    /// upgraded process holds them too), HTTP/2 connections get GOAWAY,
+    /// HTTP/1 responses carry `Connection: close` and idle HTTP/1
+    /// connections close after [`DRAIN_IDLE_GRACE`].
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        if let Ok(mut bound) = self.listeners.lock() {
+            for b in bound.values_mut() {
+                b.listener = None;
+            }
+        }
+        self.phase.send_if_modified(|p| {
+            let start = *p == Phase::Serving;
+            if start {
+                *p = Phase::Draining;
+            }
+            start
+        });
+    }
+
+    /// Whether draining has started (the process is on its way out).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     pub fn open_connections(&self) -> usize {
@@ -168,16 +234,23 @@ impl Running {
             .unwrap_or_else(|| panic!("no listener named `{listener}`"))
     }
 
-    /// Stops accepting, asks open connections to close once idle and waits
-    /// up to `drain` for them (and for WebSocket tunnels).
+    /// Drains ([`Shared::begin_drain`]) and waits up to `drain` for open
+    /// connections (and WebSocket tunnels) to finish; then drops the
+    /// connections still open.
     pub async fn shutdown(&self, drain: Duration) {
-        let _ = self.shared.shutdown.send(true);
+        self.shared.begin_drain();
         let deadline = tokio::time::Instant::now() + drain;
-        let busy =
-            || self.shared.open_connections() + crate::proxy::TUNNELS.load(Ordering::Relaxed) > 0;
+        let shared = &self.shared;
+        let busy = || {
+            shared.accepting.load(Ordering::Relaxed)
+                + shared.open_connections()
+                + crate::proxy::TUNNELS.load(Ordering::Relaxed)
+                > 0
+        };
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.shared.phase.send_replace(Phase::Closed);
     }
 }
 
@@ -196,6 +269,17 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Binds every listener of `snapshot` and starts serving. Listener addresses
 /// with port 0 get a free port (see [`Running::addr`]).
 pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io::Result<Running> {
+    start_with(snapshot, config_path, &mut upgrade::Inherited::default()).await
+}
+
+/// [`start`], taking the sockets a parent process handed over (binary
+/// upgrade) for listeners whose name and configured address match, instead
+/// of binding them; the inherited sockets no listener takes are closed.
+pub async fn start_with(
+    snapshot: Snapshot,
+    config_path: Option<PathBuf>,
+    inherited: &mut upgrade::Inherited,
+) -> std::io::Result<Running> {
     // Named targets are resolved before the first request (bounded wait).
     let resolving: Vec<_> = snapshot.upstreams.values().cloned().collect();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -214,7 +298,16 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
     }
     let mut listeners = Vec::new();
     for l in &snapshot.listeners {
-        let listener = bind(l.spec.addr).map_err(|e| {
+        let listener = match inherited.take(&l.spec.name, l.spec.addr) {
+            Some(socket) => {
+                tracing::info!(listener = %l.spec.name, address = %l.spec.addr, "upgrade: using the inherited socket");
+                socket
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(socket))
+            }
+            None => bind(l.spec.addr),
+        }
+        .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(
@@ -225,12 +318,15 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
         })?;
         listeners.push((listener, l.spec.clone()));
     }
-    let (tx, _) = watch::channel(false);
+    inherited.close_unused();
+    let (phase, _) = watch::channel(Phase::Serving);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         config_path,
-        shutdown: tx,
+        phase,
+        draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        accepting: AtomicUsize::new(0),
         listeners: Mutex::new(HashMap::new()),
     });
     {
@@ -305,13 +401,26 @@ impl Drop for ConnPermit {
     }
 }
 
+/// Counts a running accept loop in `Shared::accepting`.
+struct AcceptGuard(Arc<Shared>);
+
+impl Drop for AcceptGuard {
+    fn drop(&mut self) {
+        self.0.accepting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     name: Arc<str>,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut shutdown = shared.shutdown.subscribe();
+    let _guard = AcceptGuard(shared.clone());
+    let mut shutdown = shared.phase.subscribe();
+    if *shutdown.borrow_and_update() != Phase::Serving {
+        return;
+    }
     let load = Arc::new(ListenerLoad::default());
     loop {
         let accepted = tokio::select! {
@@ -382,9 +491,8 @@ async fn serve_tls(
             return;
         }
     };
-    if *shared.shutdown.borrow() {
-        return;
-    }
+    // Accepted just before draining started: still served (`drive` sees the
+    // phase at once), so that the client's first request does not fail.
     let ctx = Arc::new(ConnCtx {
         shared,
         listener,
@@ -538,6 +646,8 @@ pub async fn serve_connection<I>(
     let hsts = spec.tls.hsts.clone();
     let activity = Activity::new();
     let svc_activity = activity.clone();
+    // HTTP/1 only: HTTP/2 has no `Connection` header (draining sends GOAWAY).
+    let close_when_draining = !h2;
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let hsts = hsts.clone();
@@ -550,6 +660,16 @@ pub async fn serve_connection<I>(
             if let Some(v) = hsts {
                 resp.headers_mut()
                     .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
+            }
+            // Draining: hyper closes the connection after this response.
+            if close_when_draining
+                && ctx.shared.is_draining()
+                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
             }
             Ok::<_, Infallible>(resp.map(|body| Tracked {
                 body,
@@ -567,7 +687,7 @@ pub async fn serve_connection<I>(
             .max_pending_accept_reset_streams(Some(spec.max_concurrent_streams as usize * 2))
             .max_local_error_reset_streams(Some(1024));
         let conn = b.serve_connection(TokioIo::new(io), svc);
-        return drive(conn, &ctx, &spec, &activity).await;
+        return drive(conn, &ctx, &spec, &activity, false).await;
     }
     let mut h1 = hyper::server::conn::http1::Builder::new();
     // The head deadline is StrictIo's (hyper's would also bound the idle
@@ -583,7 +703,7 @@ pub async fn serve_connection<I>(
         Some(activity.clone()),
     );
     let conn = h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
-    drive(conn, &ctx, &spec, &activity).await
+    drive(conn, &ctx, &spec, &activity, true).await
 }
 
 /// A served connection that can be asked to finish gracefully.
@@ -614,15 +734,23 @@ where
     }
 }
 
-/// Runs a connection to its end, asking it to finish gracefully on shutdown,
-/// when it reaches its maximum lifetime (the in-flight request completes) or
-/// when it has been idle for the listener's `idle_timeout`.
-async fn drive<C, E>(conn: C, ctx: &ConnCtx, spec: &ListenerSpec, activity: &Activity)
+/// Runs a connection to its end, asking it to finish gracefully at its
+/// maximum lifetime (the in-flight request completes), once it has been idle
+/// for the listener's `idle_timeout`, or when draining starts: HTTP/2 at once
+/// (GOAWAY), HTTP/1 (`http1`) once it has had no request in flight for
+/// [`DRAIN_IDLE_GRACE`] — until then each response carries `Connection:
+/// close`, so a busy connection closes after its response. A connection
+/// still idle one more period after being asked to close is dropped, and at
+/// [`Phase::Closed`] every connection is.
+async fn drive<C, E>(conn: C, ctx: &ConnCtx, spec: &ListenerSpec, activity: &Activity, http1: bool)
 where
     C: Graceful<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut shutdown = ctx.shared.shutdown.subscribe();
+    let mut phase = ctx.shared.phase.subscribe();
+    // Accepted as draining started: `changed` would not report it.
+    let mut seen = Phase::Serving;
+    let mut now = *phase.borrow_and_update();
     tokio::pin!(conn);
     let lifetime = async {
         match spec.max_connection_lifetime {
@@ -634,7 +762,28 @@ where
     let idle = idle_wait(activity, spec.idle_timeout);
     tokio::pin!(idle);
     let mut closing = false;
+    let mut watching = true;
     loop {
+        if now != seen {
+            seen = now;
+            match now {
+                Phase::Closed => {
+                    tracing::debug!(peer = %ctx.peer, "drain deadline: connection dropped");
+                    break;
+                }
+                Phase::Draining if !closing && !http1 => {
+                    closing = true;
+                    conn.as_mut().graceful();
+                }
+                Phase::Draining if !closing => {
+                    // At least a whole grace from now: a client that was
+                    // idle may be sending its next request right now.
+                    activity.touch();
+                    idle.set(idle_wait(activity, Some(DRAIN_IDLE_GRACE)));
+                }
+                _ => {}
+            }
+        }
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -642,9 +791,11 @@ where
                 }
                 break;
             }
-            _ = shutdown.changed(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful();
+            changed = phase.changed(), if watching => {
+                match changed {
+                    Ok(()) => now = *phase.borrow_and_update(),
+                    Err(_) => watching = false,
+                }
             }
             _ = &mut lifetime, if !closing => {
                 closing = true;
@@ -652,13 +803,13 @@ where
             }
             _ = &mut idle => {
                 if closing {
-                    // Asked to finish (GOAWAY, or by shutdown) and still
-                    // there after another idle period with nothing in
-                    // flight: a client that ignores GOAWAY's PING, say.
+                    // Asked to finish (GOAWAY, drain) and still there after
+                    // another idle period with nothing in flight: a client
+                    // that ignores GOAWAY's PING, say.
                     tracing::debug!(peer = %ctx.peer, "idle after being asked to close: dropped");
                     break;
                 }
-                tracing::debug!(peer = %ctx.peer, "idle timeout: closing the connection");
+                tracing::debug!(peer = %ctx.peer, "idle: closing the connection");
                 closing = true;
                 conn.as_mut().graceful();
                 activity.touch();
@@ -695,7 +846,7 @@ async fn watch_config(shared: Arc<Shared>, path: PathBuf) {
             .map(|m| (m.ino(), m.dev(), m.len(), m.mtime(), m.mtime_nsec()))
     };
     let mut last = stamp(&path);
-    let mut shutdown = shared.shutdown.subscribe();
+    let mut shutdown = shared.phase.subscribe();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(WATCH_INTERVAL) => {}
@@ -714,30 +865,100 @@ async fn watch_config(shared: Arc<Shared>, path: PathBuf) {
     }
 }
 
-/// Serves `path` until SIGTERM/SIGINT; SIGHUP and file changes reload.
-pub async fn serve_file(path: &Path, snapshot: Snapshot) -> Result<(), String> {
+/// An upgrade under way: the new process's pid once it serves, or why not.
+type Upgrading = Pin<Box<dyn Future<Output = Result<u32, String>>>>;
+
+/// Serves `path` until SIGTERM/SIGINT; SIGHUP and file changes reload;
+/// SIGUSR2 upgrades the binary ([`upgrade`]). `launch` says what SIGUSR2
+/// starts and what a parent process handed over, if this process is the
+/// new one of an upgrade. Returns once drained, after SIGTERM/SIGINT or a
+/// completed upgrade.
+pub async fn serve_file(
+    path: &Path,
+    snapshot: Snapshot,
+    launch: upgrade::Launch,
+) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
-    let running = start(snapshot, Some(path.to_path_buf()))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(watch_config(running.shared.clone(), path.to_path_buf()));
+    let upgrade::Launch {
+        relaunch,
+        mut inherited,
+    } = launch;
+    // Handlers first: until they are installed, each of these signals would
+    // kill the process (signals received while starting wait their turn).
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    loop {
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
+    let running = start_with(snapshot, Some(path.to_path_buf()), &mut inherited)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(watch_config(running.shared.clone(), path.to_path_buf()));
+    if inherited.is_upgrade() {
+        // The unit follows the new process (`NotifyAccess=all`) before the
+        // old one, told next, drains and exits.
+        notify::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        inherited.signal_ready();
+        tracing::info!(
+            pid = std::process::id(),
+            "upgrade: serving; the old process drains"
+        );
+    } else {
+        notify::notify("READY=1");
+    }
+    drop(inherited);
+
+    let mut upgrading: Option<Upgrading> = None;
+    let handed_over = loop {
         tokio::select! {
             _ = hup.recv() => {
-                if let Err(e) = running.shared.reload() {
-                    tracing::error!("reload rejected, previous configuration keeps serving:\n{e}");
+                notify::notify(&notify::reloading());
+                match running.shared.reload() {
+                    Ok(()) => notify::notify("READY=1"),
+                    Err(e) => {
+                        tracing::error!("reload rejected, previous configuration keeps serving:\n{e}");
+                        notify::notify(&format!("READY=1\n{}", notify::status("reload rejected; the previous configuration keeps serving (see the log)")));
+                    }
                 }
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = usr2.recv() => {
+                if upgrading.is_some() {
+                    tracing::warn!("SIGUSR2 ignored: an upgrade is already in progress");
+                } else if let Some(relaunch) = relaunch.clone() {
+                    tracing::info!(binary = %relaunch.exe.display(), "SIGUSR2: upgrading: starting the binary with the listening sockets");
+                    let timeout = running.shared.snapshot.load().upgrade_timeout;
+                    upgrading = Some(Box::pin(upgrade::hand_over(running.shared.clone(), relaunch, timeout)));
+                } else {
+                    tracing::error!("SIGUSR2 ignored: the path of this binary is unknown, cannot upgrade");
+                }
+            }
+            r = async { upgrading.as_mut().expect("guarded").await }, if upgrading.is_some() => {
+                upgrading = None;
+                match r {
+                    Ok(pid) => {
+                        tracing::info!(new_pid = pid, "upgrade: the new process serves; this one stops accepting and drains");
+                        break true;
+                    }
+                    Err(e) => {
+                        tracing::error!("upgrade failed, this process keeps serving: {e}");
+                        notify::notify(&notify::status(&format!("upgrade failed: {e}")));
+                    }
+                }
+            }
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
         }
+    };
+    if upgrading.take().is_some() {
+        tracing::warn!("upgrade abandoned: shutting down; the new process was stopped");
+    }
+    if !handed_over {
+        // Not after a hand-over: the unit now follows the new process.
+        notify::notify("STOPPING=1");
     }
     let drain = running.shared.snapshot.load().drain_timeout;
     tracing::info!(drain = ?drain, "shutting down: draining connections");
     running.shutdown(drain).await;
+    tracing::info!("drained; exiting");
     Ok(())
 }
 

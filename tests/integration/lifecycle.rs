@@ -1,9 +1,10 @@
 //! Reload (SIGHUP's work) and graceful shutdown, through a real gateway.
 
+use super::support::conn::RawConn;
 use super::support::upstream;
 use super::support::{client, TestGateway};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn temp_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("portico-lifecycle-{}-{name}", std::process::id()));
@@ -70,6 +71,11 @@ async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
     let r = in_flight.await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "slow");
+    assert_eq!(
+        r.header("connection"),
+        Some("close"),
+        "finished while draining"
+    );
     // The listener is closed: new connections are refused.
     assert!(tokio::net::TcpStream::connect(gw.addr()).await.is_err());
 }
@@ -223,4 +229,57 @@ async fn websocket_and_sse_streams_survive_reloads_that_keep_their_route() {
             .expect("frame");
         assert_eq!(frame.into_data().unwrap(), event.as_bytes());
     }
+}
+
+#[tokio::test]
+async fn draining_spares_keep_alive_clients_and_closes_idle_connections_after_a_grace() {
+    let up = upstream::fixed(200, "upstream").await;
+    let path = temp_config("drain", &config(up.addr, "x"));
+    let gw = start_file(&path).await;
+    let request = b"GET /fixed HTTP/1.1\r\nhost: x\r\n\r\n";
+    let (mut busy, mut idle) = (
+        RawConn::connect(gw.addr()).await,
+        RawConn::connect(gw.addr()).await,
+    );
+    for c in [&mut busy, &mut idle] {
+        c.write(request).await;
+        let head = c.read_head().await;
+        assert_eq!(head.status, 200);
+        assert_eq!(
+            head.header("connection"),
+            None,
+            "keep-alive before draining"
+        );
+        assert_eq!(c.read_body(&head, false).await, b"x");
+    }
+
+    let started = Instant::now();
+    let shared = gw.running.shared.clone();
+    let shutdown = tokio::spawn(async move {
+        portico::server::Running { shared }
+            .shutdown(Duration::from_secs(10))
+            .await
+    });
+    // A client reusing its keep-alive connection right after draining began
+    // is answered, told to close, and the connection ends after the answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    busy.write(request).await;
+    let head = busy.read_head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("connection"), Some("close"));
+    assert_eq!(busy.read_body(&head, false).await, b"x");
+    assert!(busy.read_to_close().await.is_empty());
+
+    // The idle connection is closed once idle for the grace, not at once.
+    assert!(idle.read_to_close().await.is_empty());
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= portico::server::DRAIN_IDLE_GRACE,
+        "closed after {closed_after:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("shutdown returns once the connections closed, before its deadline")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -35,4 +35,5 @@ mod resilience;
 mod routing;
 mod streaming;
 mod tls;
+mod upgrade;
 mod upgrades;
