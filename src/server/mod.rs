@@ -536,6 +536,8 @@ pub struct Activity {
     /// `clock::now_ms()` when the last request finished (or the connection began).
     idle_since: AtomicU64,
     head_pending: AtomicBool,
+    /// HTTP/1 past its lifetime: responses carry `Connection: close`.
+    close_soon: AtomicBool,
 }
 
 impl Activity {
@@ -544,6 +546,7 @@ impl Activity {
             in_flight: AtomicU32::new(0),
             idle_since: AtomicU64::new(crate::clock::now_ms()),
             head_pending: AtomicBool::new(false),
+            close_soon: AtomicBool::new(false),
         })
     }
 
@@ -663,7 +666,7 @@ pub async fn serve_connection<I>(
             }
             // Draining: hyper closes the connection after this response.
             if close_when_draining
-                && ctx.shared.is_draining()
+                && (ctx.shared.is_draining() || in_flight.0.close_soon.load(Ordering::Relaxed))
                 && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
             {
                 resp.headers_mut().insert(
@@ -763,6 +766,8 @@ where
     tokio::pin!(idle);
     let mut closing = false;
     let mut watching = true;
+    // Past `max_connection_lifetime`.
+    let mut old = false;
     loop {
         if now != seen {
             seen = now;
@@ -797,9 +802,18 @@ where
                     Err(_) => watching = false,
                 }
             }
-            _ = &mut lifetime, if !closing => {
-                closing = true;
-                conn.as_mut().graceful();
+            _ = &mut lifetime, if !closing && !old => {
+                old = true;
+                if http1 {
+                    // As when draining: the next response closes it, an
+                    // idle connection goes after a grace.
+                    activity.close_soon.store(true, Ordering::Relaxed);
+                    activity.touch();
+                    idle.set(idle_wait(activity, Some(DRAIN_IDLE_GRACE)));
+                } else {
+                    closing = true;
+                    conn.as_mut().graceful();
+                }
             }
             _ = &mut idle => {
                 if closing {

@@ -176,10 +176,26 @@ async fn connection_past_its_lifetime_closes_after_its_request() {
     let gw = limited(up.addr, "    max_connection_lifetime: 200ms\n", "").await;
     let mut c = RawConn::connect(gw.addr()).await;
     c.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
-    assert_eq!(c.read_head().await.status, 200);
-    // Idle past the lifetime: the gateway closes it.
+    let head = c.read_head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("connection"), None);
+    assert_eq!(c.read_body(&head, false).await, b"ok");
+    // Past the lifetime, a request on the connection is still served, with
+    // `Connection: close` (no race with a client reusing it) ...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let head = c.read_head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("connection"), Some("close"));
+    // ... and then the gateway closes it.
     let rest = c.read_to_close().await;
-    assert_eq!(rest, b"ok", "only the first response's body, then close");
+    assert_eq!(rest, b"ok", "only the second response's body, then close");
+    // A connection left idle past its lifetime is closed too.
+    let mut idle = RawConn::connect(gw.addr()).await;
+    idle.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let head = idle.read_head().await;
+    assert_eq!(idle.read_body(&head, false).await, b"ok");
+    assert!(closes_within(&mut idle, Duration::from_secs(10)).await);
 }
 
 fn config_with(listeners: &str) -> String {
