@@ -233,6 +233,9 @@ impl ProxyAction {
         }
 
         let headers = &mut parts.headers;
+        // Room for what is added below (forwarded headers, request id, Host)
+        // in one allocation: an HTTP/2 request's map starts small.
+        headers.reserve(6);
         forward::strip_hop_by_hop(headers, upgrade);
         // The gateway answers `Expect: 100-continue` itself (hyper sends the
         // 100 when the body is first read), so it is not forwarded.

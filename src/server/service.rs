@@ -27,10 +27,13 @@ pub async fn handle(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body
     let snapshot = conn.shared.snapshot.load_full();
     // Gateway-made errors for gRPC calls are gRPC errors, not JSON.
     let grpc = crate::error::is_grpc(req.headers());
-    let request_id = match req.headers().get(&X_REQUEST_ID) {
+    let mut request_id = match req.headers().get(&X_REQUEST_ID) {
         Some(v) if valid_request_id(v) => v.clone(),
         _ => new_request_id(),
     };
+    // Unique per request: HPACK must not add it to its dynamic table (which
+    // would only evict useful entries), so it is sent as never-indexed.
+    request_id.set_sensitive(true);
     let Some(lr) = snapshot.listener(&conn.listener) else {
         let e = GatewayError::new(ErrorKind::RouteNotFound, "listener no longer configured");
         return finish(e.respond(Some(&request_id), grpc), request_id);
