@@ -7,11 +7,14 @@
 //! are bound (before the swap, so a port in use rejects the reload), removed
 //! ones stop accepting while their connections finish. Listener settings
 //! (limits, timeouts) are read from the live snapshot for each new
-//! connection.
+//! connection. The admin listener (`crate::admin`) is reconciled the same
+//! way; it is bound first and keeps serving while the gateway drains, so
+//! `/readyz` can say "not ready" during start-up and shutdown.
 
 pub mod service;
 
-use crate::config;
+use crate::config::{self, ConfigErrors};
+use crate::metrics::{conn_class, GatewayMetrics, ListenerMetrics};
 use crate::snapshot::{compile, ListenerSpec, Snapshot};
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,9 +24,9 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
@@ -31,7 +34,7 @@ use tokio::sync::watch;
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A bound listener and the switch that stops its accept loop.
-struct Bound {
+pub(crate) struct Bound {
     /// The configured address (port 0 stays 0 here).
     configured: SocketAddr,
     local: SocketAddr,
@@ -46,6 +49,40 @@ pub struct Shared {
     connections: AtomicUsize,
     /// Touched only when listeners are bound or stopped (start, reload).
     listeners: Mutex<HashMap<Arc<str>, Bound>>,
+    /// The admin listener, when configured.
+    admin: Mutex<Option<Bound>>,
+    /// Set once every listener is bound at start.
+    ready: AtomicBool,
+    pub metrics: GatewayMetrics,
+    pub started_at: SystemTime,
+    started: Instant,
+}
+
+/// Why a reload was rejected (the previous configuration keeps serving).
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The file cannot be read or does not validate.
+    Invalid(ConfigErrors),
+    /// It validates but cannot be applied (an address cannot be bound), or
+    /// there is no file to reload.
+    Failed(String),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Invalid(e) => write!(f, "{e}"),
+            ReloadError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A reload that went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// False when the file was unchanged (nothing was done).
+    pub changed: bool,
+    pub hash: u64,
 }
 
 impl Shared {
@@ -54,16 +91,33 @@ impl Shared {
     /// error (as `portico validate` prints it) is returned. An unchanged
     /// file is a no-op.
     pub fn reload(self: &Arc<Self>) -> Result<(), String> {
+        self.reload_checked().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// [`Shared::reload`] with the error kept structured (the admin API
+    /// answers a bad configuration with its list of errors). Every call is
+    /// counted in `portico_config_reloads_total`.
+    pub fn reload_checked(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
+        let r = self.reload_inner();
+        self.metrics.reloaded(r.is_ok());
+        r
+    }
+
+    fn reload_inner(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
+        let failed = |m: String| ReloadError::Failed(m);
         let path = self
             .config_path
             .as_ref()
-            .ok_or("no config file to reload")?;
-        let loaded = config::load_file(path).map_err(|e| e.to_string())?;
+            .ok_or_else(|| failed("no config file to reload".into()))?;
+        let loaded = config::load_file(path).map_err(ReloadError::Invalid)?;
         let current = self.snapshot.load_full();
         if loaded.hash == current.hash {
-            return Ok(());
+            return Ok(Reloaded {
+                changed: false,
+                hash: loaded.hash,
+            });
         }
-        let next = compile(&loaded, Some(&current)).map_err(|e| e.to_string())?;
+        let next = compile(&loaded, Some(&current)).map_err(ReloadError::Invalid)?;
 
         // Bind what is new or moved before anything changes.
         let mut fresh = Vec::new();
@@ -71,7 +125,7 @@ impl Shared {
             let bound = self
                 .listeners
                 .lock()
-                .map_err(|_| "listener table poisoned")?;
+                .map_err(|_| failed("listener table poisoned".into()))?;
             for l in &next.listeners {
                 let same = bound
                     .get(&l.spec.name)
@@ -79,21 +133,40 @@ impl Shared {
                 if !same {
                     let reuse_port = bound.values().any(|b| b.local == l.spec.addr);
                     if reuse_port {
-                        return Err(format!(
+                        return Err(failed(format!(
                             "listener `{}`: {} is still bound by another listener; rename or move them in two reloads",
                             l.spec.name, l.spec.addr
-                        ));
+                        )));
                     }
                     let listener = bind(l.spec.addr).map_err(|e| {
-                        format!(
+                        failed(format!(
                             "cannot bind listener `{}` to {}: {e}",
                             l.spec.name, l.spec.addr
-                        )
+                        ))
                     })?;
                     fresh.push((listener, l.spec.clone()));
                 }
             }
         }
+        // The admin listener: bound now if it is new or moved.
+        let next_admin = next.admin.as_ref().map(|a| a.addr);
+        let fresh_admin = match next_admin {
+            Some(addr) => {
+                let current = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+                match current.as_ref() {
+                    Some(b) if b.configured == addr => None,
+                    Some(b) if b.local == addr => {
+                        return Err(failed(format!(
+                            "admin: {addr} is still bound by the current admin listener"
+                        )))
+                    }
+                    _ => Some(bind(addr).map_err(|e| {
+                        failed(format!("cannot bind the admin listener to {addr}: {e}"))
+                    })?),
+                }
+            }
+            None => None,
+        };
         for up in next.upstreams.values() {
             up.start();
         }
@@ -105,10 +178,24 @@ impl Shared {
         let keep: Vec<Arc<str>> = next.listeners.iter().map(|l| l.spec.name.clone()).collect();
         self.snapshot.store(Arc::new(next));
         {
+            let mut admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            let stays =
+                matches!((admin.as_ref(), next_admin), (Some(b), Some(a)) if b.configured == a);
+            if !stays {
+                if let Some(b) = admin.take() {
+                    let _ = b.stop.send(true);
+                    tracing::info!(address = %b.local, "admin listener stopped");
+                }
+            }
+            if let (Some(listener), Some(addr)) = (fresh_admin, next_admin) {
+                *admin = Some(self.spawn_admin(listener, addr));
+            }
+        }
+        {
             let mut bound = self
                 .listeners
                 .lock()
-                .map_err(|_| "listener table poisoned")?;
+                .map_err(|_| failed("listener table poisoned".into()))?;
             let moved: Vec<Arc<str>> = fresh.iter().map(|(_, s)| s.name.clone()).collect();
             bound.retain(|name, b| {
                 let stays = keep.contains(name) && !moved.contains(name);
@@ -123,7 +210,58 @@ impl Shared {
             }
         }
         tracing::info!(file = %path.display(), hash = format!("{:016x}", loaded.hash), "configuration reloaded");
-        Ok(())
+        Ok(Reloaded {
+            changed: true,
+            hash: loaded.hash,
+        })
+    }
+
+    /// Starts serving the admin API on `listener`.
+    fn spawn_admin(self: &Arc<Self>, listener: TcpListener, configured: SocketAddr) -> Bound {
+        let local = listener.local_addr().unwrap_or(configured);
+        let (stop, stopped) = watch::channel(false);
+        tracing::info!(address = %local, "admin listener");
+        tokio::spawn(crate::admin::serve(
+            listener,
+            configured,
+            self.clone(),
+            stopped,
+        ));
+        Bound {
+            configured,
+            local,
+            stop,
+        }
+    }
+
+    /// The bound address of the admin listener (resolves port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.lock().ok()?.as_ref().map(|b| b.local)
+    }
+
+    /// Ready for traffic: every listener bound and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.is_draining()
+    }
+
+    /// Shutdown has started: connections are being drained.
+    pub fn is_draining(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The bound addresses of the data listeners, by name.
+    pub fn bound_listeners(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        let mut v: Vec<_> = self
+            .listeners
+            .lock()
+            .map(|b| b.iter().map(|(n, b)| (n.clone(), b.local)).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     fn spawn_listener(
@@ -143,7 +281,14 @@ impl Shared {
                 stop,
             },
         );
-        tokio::spawn(accept_loop(listener, spec.name, self.clone(), stopped));
+        let metrics = self.metrics.listener(&spec.name);
+        tokio::spawn(accept_loop(
+            listener,
+            spec.name,
+            self.clone(),
+            metrics,
+            stopped,
+        ));
     }
 
     pub fn open_connections(&self) -> usize {
@@ -166,6 +311,13 @@ impl Running {
         self.shared
             .local_addr(listener)
             .unwrap_or_else(|| panic!("no listener named `{listener}`"))
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.shared
+            .admin_addr()
+            .expect("the configuration has an `admin` listener")
     }
 
     /// Stops accepting, asks open connections to close once idle and waits
@@ -196,6 +348,37 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Binds every listener of `snapshot` and starts serving. Listener addresses
 /// with port 0 get a free port (see [`Running::addr`]).
 pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io::Result<Running> {
+    let admin = snapshot.admin.as_ref().map(|a| a.addr);
+    let (tx, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        config_path,
+        shutdown: tx,
+        connections: AtomicUsize::new(0),
+        listeners: Mutex::new(HashMap::new()),
+        admin: Mutex::new(None),
+        ready: AtomicBool::new(false),
+        metrics: GatewayMetrics::default(),
+        started_at: SystemTime::now(),
+        started: Instant::now(),
+    });
+    // The admin listener first: `/readyz` answers (not ready) during start-up.
+    if let Some(addr) = admin {
+        let listener = bind(addr).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot bind the admin listener to {addr}: {e}"),
+            )
+        })?;
+        let b = shared.spawn_admin(listener, addr);
+        *shared.admin.lock().expect("fresh mutex") = Some(b);
+    }
+    let stop_admin = || {
+        if let Some(b) = shared.admin.lock().ok().and_then(|mut a| a.take()) {
+            let _ = b.stop.send(true);
+        }
+    };
+    let snapshot = shared.snapshot.load_full();
     // Named targets are resolved before the first request (bounded wait).
     let resolving: Vec<_> = snapshot.upstreams.values().cloned().collect();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -214,31 +397,28 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
     }
     let mut listeners = Vec::new();
     for l in &snapshot.listeners {
-        let listener = bind(l.spec.addr).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot bind listener `{}` to {}: {e}",
-                    l.spec.name, l.spec.addr
-                ),
-            )
-        })?;
-        listeners.push((listener, l.spec.clone()));
+        match bind(l.spec.addr) {
+            Ok(listener) => listeners.push((listener, l.spec.clone())),
+            Err(e) => {
+                stop_admin();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot bind listener `{}` to {}: {e}",
+                        l.spec.name, l.spec.addr
+                    ),
+                ));
+            }
+        }
     }
-    let (tx, _) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        config_path,
-        shutdown: tx,
-        connections: AtomicUsize::new(0),
-        listeners: Mutex::new(HashMap::new()),
-    });
+    drop(snapshot);
     {
         let mut bound = shared.listeners.lock().expect("fresh mutex");
         for (listener, spec) in listeners {
             shared.spawn_listener(&mut bound, listener, spec);
         }
     }
+    shared.ready.store(true, Ordering::Release);
     Ok(Running { shared })
 }
 
@@ -250,6 +430,8 @@ pub struct ConnCtx {
     pub tls: bool,
     /// The verified client certificate (TLS listeners with `client_auth`).
     pub client_identity: Option<Arc<crate::tls::ClientIdentity>>,
+    /// The listener's connection series.
+    pub metrics: Arc<ListenerMetrics>,
 }
 
 /// Open connections of one listener, in total and per client IP.
@@ -309,6 +491,7 @@ async fn accept_loop(
     listener: TcpListener,
     name: Arc<str>,
     shared: Arc<Shared>,
+    metrics: Arc<ListenerMetrics>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut shutdown = shared.shutdown.subscribe();
@@ -339,7 +522,10 @@ async fn accept_loop(
                 if let Some(tls) = spec.tls.terminator.clone() {
                     // The handshake runs in the connection's own task.
                     let (shared, name) = (shared.clone(), name.clone());
-                    tokio::spawn(serve_tls(stream, tls, shared, name, peer, spec, permit));
+                    let metrics = metrics.clone();
+                    tokio::spawn(serve_tls(
+                        stream, tls, shared, name, metrics, peer, spec, permit,
+                    ));
                     continue;
                 }
                 let ctx = Arc::new(ConnCtx {
@@ -348,6 +534,7 @@ async fn accept_loop(
                     peer,
                     tls: false,
                     client_identity: None,
+                    metrics: metrics.clone(),
                 });
                 tokio::spawn(async move {
                     let h2 = spec.http2 && sniff_h2c(&stream, spec.header_read_timeout).await;
@@ -365,12 +552,14 @@ async fn accept_loop(
 
 /// A TLS connection: the handshake (within `header_read_timeout`), then
 /// HTTP over it like any connection. Failed handshakes are counted in
-/// `tls::HANDSHAKE_FAILURES`.
+/// `tls::HANDSHAKE_FAILURES` and in the listener's series.
+#[allow(clippy::too_many_arguments)]
 async fn serve_tls(
     stream: tokio::net::TcpStream,
     tls: Arc<crate::tls::TlsTerminator>,
     shared: Arc<Shared>,
     listener: Arc<str>,
+    metrics: Arc<ListenerMetrics>,
     peer: SocketAddr,
     spec: ListenerSpec,
     permit: ConnPermit,
@@ -378,6 +567,7 @@ async fn serve_tls(
     let accepted = match tls.accept(stream, spec.header_read_timeout).await {
         Ok(a) => a,
         Err(e) => {
+            metrics.tls_handshake_failed();
             tracing::debug!(listener = %listener, peer = %peer, error = %e, "TLS handshake failed");
             return;
         }
@@ -391,6 +581,7 @@ async fn serve_tls(
         peer,
         tls: true,
         client_identity: accepted.identity,
+        metrics,
     });
     let h2 = matches!(accepted.alpn, crate::tls::Alpn::H2);
     serve_connection(accepted.stream, ctx, spec, permit, h2).await
@@ -420,11 +611,13 @@ async fn sniff_h2c(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
     }
 }
 
-struct ConnGuard(Arc<Shared>);
+/// A served connection's place in the open-connection counts.
+struct ConnGuard(Arc<ConnCtx>, usize);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.closed(self.1);
     }
 }
 
@@ -443,7 +636,9 @@ pub async fn serve_connection<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     ctx.shared.connections.fetch_add(1, Ordering::Relaxed);
-    let _guard = ConnGuard(ctx.shared.clone());
+    let class = conn_class(h2, ctx.tls);
+    ctx.metrics.opened(class);
+    let _guard = ConnGuard(ctx.clone(), class);
     let _permit = permit;
     let svc_ctx = ctx.clone();
     let hsts = spec.tls.hsts.clone();
@@ -497,7 +692,7 @@ impl<I, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
 where
     Self: Future,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::outcome::Observed>,
 {
     fn graceful(self: Pin<&mut Self>) {
         self.graceful_shutdown()
@@ -508,7 +703,7 @@ impl<I, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
 where
     Self: Future,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Body>,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::outcome::Observed>,
     E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
 {
     fn graceful(self: Pin<&mut Self>) {
