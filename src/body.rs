@@ -5,7 +5,7 @@
 //! the bookkeeping the proxy needs at end of stream: returning the upstream
 //! connection to its pool and ending the whole-request deadline.
 
-use crate::error::BoxError;
+use crate::error::{BoxError, ErrorKind, GatewayError};
 use crate::upstream::pool::Lease;
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
@@ -193,6 +193,11 @@ pub struct ResponseBody {
     inner: Incoming,
     lease: Option<Lease>,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// A gRPC response: a deadline mid-body ends it with DEADLINE_EXCEEDED
+    /// trailers (what gRPC clients read) rather than a reset.
+    grpc: bool,
+    /// Ended by the gateway (those trailers sent).
+    ended: bool,
 }
 
 impl Body {
@@ -209,11 +214,18 @@ impl Body {
         }
     }
 
-    pub fn response(inner: Incoming, lease: Lease, deadline: Option<Pin<Box<Sleep>>>) -> Body {
+    pub fn response(
+        inner: Incoming,
+        lease: Lease,
+        deadline: Option<Pin<Box<Sleep>>>,
+        grpc: bool,
+    ) -> Body {
         let mut body = ResponseBody {
             inner,
             lease: Some(lease),
             deadline,
+            grpc,
+            ended: false,
         };
         body.release_if_done();
         Body::Response(body)
@@ -234,13 +246,20 @@ impl ResponseBody {
 #[derive(Debug)]
 pub struct DeadlineExceeded;
 
+const DEADLINE_MESSAGE: &str = "request timeout exceeded while streaming the response body";
+
 impl std::fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("request timeout exceeded while streaming the response body")
+        f.write_str(DEADLINE_MESSAGE)
     }
 }
 
 impl std::error::Error for DeadlineExceeded {}
+
+/// The trailers that end a gRPC response cut at the deadline.
+fn grpc_deadline_status() -> http::HeaderMap {
+    GatewayError::new(ErrorKind::UpstreamTimeout, DEADLINE_MESSAGE).grpc_status_headers()
+}
 
 impl http_body::Body for Body {
     type Data = Bytes;
@@ -256,9 +275,16 @@ impl http_body::Body for Body {
             Body::Incoming(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             Body::Client(c) => c.poll_frame(cx),
             Body::Response(b) => {
+                if b.ended {
+                    return Poll::Ready(None);
+                }
                 if let Some(d) = b.deadline.as_mut() {
                     if d.as_mut().poll(cx).is_ready() {
                         b.lease = None;
+                        if b.grpc {
+                            b.ended = true;
+                            return Poll::Ready(Some(Ok(Frame::trailers(grpc_deadline_status()))));
+                        }
                         return Poll::Ready(Some(Err(DeadlineExceeded.into())));
                     }
                 }
@@ -288,7 +314,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Incoming(i) => i.is_end_stream(),
             Body::Client(c) => c.inner.is_end_stream(),
-            Body::Response(b) => b.inner.is_end_stream(),
+            Body::Response(b) => b.ended || b.inner.is_end_stream(),
         }
     }
 

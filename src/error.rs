@@ -170,6 +170,13 @@ impl ErrorKind {
     }
 }
 
+/// `content-type: application/grpc` (and `+proto` etc.): a gRPC call, or
+/// a gRPC response.
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// A request-path failure that becomes a gateway-made response.
 #[derive(Debug)]
 pub struct GatewayError {
@@ -236,15 +243,10 @@ impl GatewayError {
         self.kind.retryable()
     }
 
-    /// The error as a gRPC client expects it: HTTP 200, a trailers-only
-    /// response with `grpc-status` and a percent-encoded `grpc-message`.
-    pub fn to_grpc_response(&self, request_id: Option<&HeaderValue>) -> Response<Body> {
-        let mut resp = Response::new(Body::empty());
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
+    /// `grpc-status` and a percent-encoded `grpc-message`: the status a gRPC
+    /// client reads, in a trailers-only response or in trailers.
+    pub fn grpc_status_headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(2);
         h.insert(
             "grpc-status",
             HeaderValue::from(self.kind.grpc_status() as u16),
@@ -260,6 +262,19 @@ impl GatewayError {
         if let Ok(v) = HeaderValue::from_str(&msg) {
             h.insert("grpc-message", v);
         }
+        h
+    }
+
+    /// The error as a gRPC client expects it: HTTP 200, a trailers-only
+    /// response with `grpc-status` and a percent-encoded `grpc-message`.
+    pub fn to_grpc_response(&self, request_id: Option<&HeaderValue>) -> Response<Body> {
+        let mut resp = Response::new(Body::empty());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.extend(self.grpc_status_headers());
         if let Some(rid) = request_id {
             h.insert("x-request-id", rid.clone());
         }

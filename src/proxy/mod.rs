@@ -465,7 +465,8 @@ impl ProxyAction {
             return Response::from_parts(parts, Body::Empty);
         }
         let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
-        Response::from_parts(parts, Body::response(incoming, lease, deadline))
+        let grpc = crate::error::is_grpc(&parts.headers);
+        Response::from_parts(parts, Body::response(incoming, lease, deadline, grpc))
     }
 }
 

@@ -66,7 +66,7 @@ async fn respond(
 ) -> Answer {
     let snapshot = conn.shared.snapshot.load_full();
     // Gateway-made errors for gRPC calls are gRPC errors, not JSON.
-    let grpc = is_grpc(req.headers());
+    let grpc = crate::error::is_grpc(req.headers());
     let request_id = match req.headers().get(&X_REQUEST_ID) {
         Some(v) if valid_request_id(v) => v.clone(),
         _ => new_request_id(),
@@ -226,12 +226,6 @@ fn harden(req: &mut Request<Incoming>) -> Result<(), GatewayError> {
         Err(e) => return Err(GatewayError::new(ErrorKind::BadRequest, e.to_string())),
     }
     Ok(())
-}
-
-/// `content-type: application/grpc` (and `+proto` etc.).
-fn is_grpc(h: &http::HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn finish(mut resp: Response<Body>, request_id: HeaderValue) -> Response<Body> {

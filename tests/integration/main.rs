@@ -24,6 +24,7 @@ mod smoke {
 
 mod balancing;
 mod config_cli;
+mod grpc;
 mod hardening_h2;
 mod hardening_http;
 mod http2;

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod conn;
+pub mod grpc;
 pub mod h2;
 pub mod h2raw;
 pub mod live;
