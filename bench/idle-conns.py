@@ -18,10 +18,9 @@ Then:
   4. always (try/finally) closes every socket and stops both processes.
 Bounded: everything must finish within --timeout seconds (default 120).
 
-bench/idle.yaml is bench/passthrough.yaml with `header_read_timeout: 120s`:
-Portico's header read timeout (default 10s) also bounds how long an idle
-keep-alive connection stays open, and opening 10,000 connections plus
-measuring could take longer than that. Use --config bench/passthrough.yaml to
+bench/idle.yaml is bench/passthrough.yaml with `idle_timeout: 120s`:
+Portico closes keep-alive connections idle for `idle_timeout` (default 60s),
+and opening 10,000 connections plus measuring could take longer than that. Use --config bench/passthrough.yaml to
 measure with the defaults (then the early connections may be closed; the
 `still_open` field shows it).
 

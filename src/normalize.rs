@@ -4,7 +4,7 @@
 //! path before the router sees it; routing, captures, policies and the
 //! upstream all get the normalised path.
 //!
-//! Rules, in order (documented in docs/configuration.md, "Hardening"):
+//! Rules, in order (documented in docs/hardening.md):
 //! 1. Percent-escapes are checked: `%` must be followed by two hex digits,
 //!    else the request is refused; `%00` (NUL) is refused.
 //! 2. Escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986

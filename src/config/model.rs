@@ -72,6 +72,10 @@ pub struct Listener {
     /// Maximum request body size (413 beyond); `0` = unlimited. Routes may override.
     #[serde(default)]
     pub max_body_bytes: Size,
+    /// How long a kept-alive connection may sit with no request in flight
+    /// before it is closed (HTTP/2: GOAWAY); `0` disables.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: Dur,
     /// Longest wait for the next piece of a request body (408); `0` disables.
     #[serde(default = "defaults::body_read_timeout")]
     pub body_read_timeout: Dur,
@@ -579,6 +583,9 @@ pub(crate) mod defaults {
     }
     pub fn max_uri_bytes() -> Size {
         Size(8 * 1024)
+    }
+    pub fn idle_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
     }
     pub fn body_read_timeout() -> Dur {
         Dur(Duration::from_secs(30))

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpSocket};
@@ -611,6 +611,96 @@ async fn sniff_h2c(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// What one connection is doing, for its idle timeout: requests in flight
+/// (a request counts until its response body is finished or dropped), since
+/// when it has had none, and whether a request head is arriving.
+pub struct Activity {
+    in_flight: AtomicU32,
+    /// `clock::now_ms()` when the last request finished (or the connection began).
+    idle_since: AtomicU64,
+    head_pending: AtomicBool,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            in_flight: AtomicU32::new(0),
+            idle_since: AtomicU64::new(crate::clock::now_ms()),
+            head_pending: AtomicBool::new(false),
+        })
+    }
+
+    /// A request starts: it is in flight until the guard is dropped (the
+    /// guard moves into the response body, see [`Tracked`]).
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// strict::io: part of a request head has arrived (or no longer waits).
+    pub(crate) fn set_head_pending(&self, pending: bool) {
+        self.head_pending.store(pending, Ordering::Relaxed);
+    }
+
+    /// Restarts the idle period (after the connection was asked to close).
+    fn touch(&self) {
+        self.idle_since
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the connection has been idle, or `None` while it is busy.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 || self.head_pending.load(Ordering::Relaxed) {
+            return None;
+        }
+        let since = self.idle_since.load(Ordering::Relaxed);
+        Some(Duration::from_millis(
+            crate::clock::now_ms().saturating_sub(since),
+        ))
+    }
+}
+
+/// One request in flight on a connection, until dropped.
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0
+                .idle_since
+                .store(crate::clock::now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A response body that keeps its request in flight until it is dropped
+/// (hyper drops it once written, or when the exchange is abandoned). It
+/// wraps the request's `Observed` body, whose outcome is recorded then too.
+pub struct Tracked {
+    body: crate::outcome::Observed,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = <crate::outcome::Observed as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A served connection's place in the open-connection counts.
 struct ConnGuard(Arc<ConnCtx>, usize);
 
@@ -642,9 +732,12 @@ pub async fn serve_connection<I>(
     let _permit = permit;
     let svc_ctx = ctx.clone();
     let hsts = spec.tls.hsts.clone();
+    let activity = Activity::new();
+    let svc_activity = activity.clone();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
         let hsts = hsts.clone();
+        let in_flight = svc_activity.begin();
         // Boxed per request: hyper keeps the slot for a connection's
         // request future for the connection's whole life, so an inline future
         // (~5 KB) would cost every idle keep-alive connection that much.
@@ -654,7 +747,10 @@ pub async fn serve_connection<I>(
                 resp.headers_mut()
                     .insert(http::header::STRICT_TRANSPORT_SECURITY, v);
             }
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(resp.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
         })
     });
     if h2 {
@@ -667,20 +763,23 @@ pub async fn serve_connection<I>(
             .max_pending_accept_reset_streams(Some(spec.max_concurrent_streams as usize * 2))
             .max_local_error_reset_streams(Some(1024));
         let conn = b.serve_connection(TokioIo::new(io), svc);
-        return drive(conn, &ctx, &spec).await;
+        return drive(conn, &ctx, &spec, &activity).await;
     }
     let mut h1 = hyper::server::conn::http1::Builder::new();
+    // The head deadline is StrictIo's (hyper's would also bound the idle
+    // wait between requests, and costs a timer per request).
     h1.timer(TokioTimer::new())
-        .header_read_timeout(spec.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(spec.max_header_bytes)
         .max_headers(spec.max_headers);
-    let conn = h1
-        .serve_connection(
-            TokioIo::new(crate::strict::io::StrictIo::new(io, spec.max_header_bytes)),
-            svc,
-        )
-        .with_upgrades();
-    drive(conn, &ctx, &spec).await
+    let io = crate::strict::io::StrictIo::new(
+        io,
+        spec.max_header_bytes,
+        spec.header_read_timeout,
+        Some(activity.clone()),
+    );
+    let conn = h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    drive(conn, &ctx, &spec, &activity).await
 }
 
 /// A served connection that can be asked to finish gracefully.
@@ -692,7 +791,7 @@ impl<I, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
 where
     Self: Future,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::outcome::Observed>,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Tracked>,
 {
     fn graceful(self: Pin<&mut Self>) {
         self.graceful_shutdown()
@@ -703,7 +802,7 @@ impl<I, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
 where
     Self: Future,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::outcome::Observed>,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = Tracked>,
     E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
 {
     fn graceful(self: Pin<&mut Self>) {
@@ -711,9 +810,10 @@ where
     }
 }
 
-/// Runs a connection to its end, asking it to finish gracefully on shutdown
-/// or when it reaches its maximum lifetime (the in-flight request completes).
-async fn drive<C, E>(conn: C, ctx: &ConnCtx, spec: &ListenerSpec)
+/// Runs a connection to its end, asking it to finish gracefully on shutdown,
+/// when it reaches its maximum lifetime (the in-flight request completes) or
+/// when it has been idle for the listener's `idle_timeout`.
+async fn drive<C, E>(conn: C, ctx: &ConnCtx, spec: &ListenerSpec, activity: &Activity)
 where
     C: Graceful<Output = Result<(), E>>,
     E: std::fmt::Display,
@@ -727,6 +827,8 @@ where
         }
     };
     tokio::pin!(lifetime);
+    let idle = idle_wait(activity, spec.idle_timeout);
+    tokio::pin!(idle);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -744,7 +846,38 @@ where
                 closing = true;
                 conn.as_mut().graceful();
             }
+            _ = &mut idle => {
+                if closing {
+                    // Asked to finish (GOAWAY, or by shutdown) and still
+                    // there after another idle period with nothing in
+                    // flight: a client that ignores GOAWAY's PING, say.
+                    tracing::debug!(peer = %ctx.peer, "idle after being asked to close: dropped");
+                    break;
+                }
+                tracing::debug!(peer = %ctx.peer, "idle timeout: closing the connection");
+                closing = true;
+                conn.as_mut().graceful();
+                activity.touch();
+                idle.set(idle_wait(activity, spec.idle_timeout));
+            }
         }
+    }
+}
+
+/// Returns once the connection has been idle (nothing in flight, no head
+/// arriving) for `limit`: sleeps until it may have been, re-checks, and so
+/// on (one timer per period, not per request). Never with no limit.
+async fn idle_wait(activity: &Activity, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        let wait = match activity.idle_for() {
+            Some(idle) if idle >= limit => return,
+            Some(idle) => limit - idle,
+            None => limit,
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -211,8 +211,7 @@ fn declared_body_too_large(h: &http::HeaderMap, limit: u64) -> Option<GatewayErr
     (len > limit).then(|| GatewayError::from_body(crate::body::BodyError::TooLarge(limit)))
 }
 
-/// Strict HTTP/1.1 and path normalisation (docs/configuration.md,
-/// "Hardening"): refuses smuggling shapes (and closes the connection), then
+/// Strict HTTP/1.1 and path normalisation (docs/hardening.md): refuses smuggling shapes (and closes the connection), then
 /// normalises the path in place, so routing, captures, policies and the
 /// upstream all see the same path.
 fn harden(req: &mut Request<Incoming>) -> Result<(), GatewayError> {

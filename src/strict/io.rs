@@ -26,10 +26,14 @@
 //! bodies: their size lines are parsed).
 
 use super::Violation;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// What hyper reads instead of a refused head: a method cannot start with
 /// NUL, so hyper answers `400` and closes.
@@ -82,6 +86,8 @@ pub struct Scanner {
     /// 2 after `\n\r`.
     nl: u8,
     max_head: usize,
+    /// Heads passed on so far.
+    heads: u64,
 }
 
 impl Scanner {
@@ -93,7 +99,18 @@ impl Scanner {
             held: Vec::new(),
             nl: 0,
             max_head,
+            heads: 0,
         }
+    }
+
+    /// Whether part of a head has arrived and its end has not.
+    pub fn head_pending(&self) -> bool {
+        self.state == State::Head && !self.held.is_empty()
+    }
+
+    /// How many request heads have been passed on.
+    pub fn heads(&self) -> u64 {
+        self.heads
     }
 
     /// Whether checking stopped for good (bytes pass untouched).
@@ -131,6 +148,7 @@ impl Scanner {
                     match judge(&data[i..i + len]) {
                         Ok(next) => {
                             self.state = next;
+                            self.heads += 1;
                             i += len;
                         }
                         Err(_) => return i,
@@ -204,6 +222,7 @@ impl Scanner {
                         Ok(next) => {
                             out.extend_from_slice(&head);
                             self.state = next;
+                            self.heads += 1;
                         }
                         Err(v) => {
                             out.extend_from_slice(POISON);
@@ -364,16 +383,59 @@ pub struct StrictIo<T> {
     /// Bytes released by the scanner that the reader has not taken yet.
     ready: Vec<u8>,
     taken: usize,
+    header_timeout: Duration,
+    /// Armed while a head is awaited within `header_timeout`: the first
+    /// one from the start, later ones from their first byte. Dropped
+    /// otherwise, so an idle connection holds no timer.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Told whether a head is arriving (the connection's idle timeout must
+    /// not cut it).
+    activity: Option<Arc<crate::server::Activity>>,
 }
 
 impl<T> StrictIo<T> {
     /// `max_head`: see [`Scanner::new`] (the listener's header size limit).
-    pub fn new(inner: T, max_head: usize) -> StrictIo<T> {
+    /// `header_timeout`: the longest a request head may take to arrive
+    /// (slowloris): from now for the first head, from its first byte for
+    /// later ones on a kept-alive connection; past it reads fail with
+    /// `TimedOut` and hyper closes the connection.
+    pub fn new(
+        inner: T,
+        max_head: usize,
+        header_timeout: Duration,
+        activity: Option<Arc<crate::server::Activity>>,
+    ) -> StrictIo<T> {
         StrictIo {
             inner,
             scan: Scanner::new(max_head),
             ready: Vec::new(),
             taken: 0,
+            header_timeout,
+            deadline: Some(Box::pin(tokio::time::sleep(header_timeout))),
+            activity,
+        }
+    }
+
+    /// Arms or drops the head deadline after the scanner has seen new bytes.
+    fn update_deadline(&mut self) {
+        let pending = self.scan.head_pending();
+        if let Some(a) = &self.activity {
+            a.set_head_pending(pending);
+        }
+        if pending {
+            if self.deadline.is_none() {
+                self.deadline = Some(Box::pin(tokio::time::sleep(self.header_timeout)));
+            }
+        } else if self.scan.heads() > 0 || self.scan.is_off() {
+            self.deadline = None;
+        }
+    }
+
+    /// Whether the head deadline has passed (registers for its wake-up).
+    fn head_timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.deadline {
+            Some(d) if !self.scan.is_off() => d.as_mut().poll(cx).is_ready(),
+            _ => false,
         }
     }
 
@@ -411,7 +473,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
             let start = buf.filled().len();
-            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    if this.head_timed_out(cx) {
+                        this.deadline = None;
+                        tracing::debug!("request head not received within header_read_timeout");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not received within header_read_timeout",
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+            }
             let end = buf.filled().len();
             if end == start {
                 // The peer closed: hand over a held partial head, then EOF.
@@ -428,6 +503,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {
                     tracing::debug!(violation = %v, "refused a request head");
                 }
                 buf.set_filled(start + k);
+            }
+            if this.deadline.is_some() || this.scan.head_pending() {
+                this.update_deadline();
             }
             if k > 0 {
                 return Poll::Ready(Ok(()));
@@ -633,10 +711,15 @@ mod tests {
                 )))
             }
         });
-        let server = tokio::spawn(
-            hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(StrictIo::new(server, 64 * 1024)), svc),
-        );
+        let server = tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+            TokioIo::new(StrictIo::new(
+                server,
+                64 * 1024,
+                Duration::from_secs(10),
+                None,
+            )),
+            svc,
+        ));
         let (mut rd, mut wr) = tokio::io::split(client);
         wr.write_all(GET).await.unwrap();
         wr.write_all(

@@ -327,3 +327,37 @@ fn bundled_quickstart_example_validates() {
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(run.stdout.contains("OK"), "{}", run.stdout);
 }
+
+/// Every YAML example in the docs (other than the TLS guide, which needs
+/// generated certificates: see `tls::tls_guide_examples_validate`) is a
+/// complete configuration that validates. A block may be marked as a
+/// fragment by starting with `# fragment`.
+#[test]
+fn documentation_examples_validate() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("portico-doc-examples-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut checked = 0;
+    for doc in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = doc.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".md") || name == "tls.md" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, block) in text.split("```yaml\n").skip(1).enumerate() {
+            let yaml = block.split("\n```").next().unwrap();
+            if yaml.starts_with("# fragment") {
+                continue;
+            }
+            let file = dir.join(format!("{name}-{i}.yaml"));
+            std::fs::write(&file, yaml).unwrap();
+            if let Err(e) = portico::load(&file) {
+                panic!("example {i} of docs/{name} does not validate:\n{e}\n{yaml}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} examples found");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -290,3 +290,96 @@ async fn slowloris_client_is_cut_off_while_others_are_served() {
     );
     assert_eq!(up.hits(), 5, "the slow request never reached the upstream");
 }
+
+/// Reads from `conn` until the server closes it; `true` if it closed within
+/// `limit` (a hang guard, not a timing assertion).
+async fn closes_within(conn: &mut RawConn, limit: Duration) -> bool {
+    tokio::time::timeout(limit, conn.read_to_close())
+        .await
+        .is_ok()
+}
+
+fn get_head() -> &'static [u8] {
+    b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n"
+}
+
+/// `idle_timeout` closes a kept-alive connection with nothing in flight;
+/// `header_read_timeout` does not apply to the wait between requests.
+#[tokio::test]
+async fn idle_keep_alive_connections_close_at_idle_timeout_not_header_timeout() {
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(
+        up.addr,
+        "    header_read_timeout: 200ms\n    idle_timeout: 1500ms\n",
+        "",
+    )
+    .await;
+    let mut conn = RawConn::connect(gw.addr()).await;
+    conn.write(get_head()).await;
+    let head = conn.read_head().await;
+    assert_eq!(head.status, 200);
+    conn.read_body(&head, false).await;
+    // Idle for well over header_read_timeout: still open, and serves.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    conn.write(get_head()).await;
+    let head = conn.read_head().await;
+    assert_eq!(
+        head.status, 200,
+        "served after an idle wait longer than header_read_timeout"
+    );
+    conn.read_body(&head, false).await;
+    // Then idle past idle_timeout: closed by the gateway.
+    assert!(closes_within(&mut conn, Duration::from_secs(10)).await);
+    assert_eq!(up.hits(), 2);
+}
+
+/// A request that takes longer than `idle_timeout` is in flight, not idle.
+#[tokio::test]
+async fn slow_responses_are_not_cut_by_the_idle_timeout() {
+    let up = upstream::slow(Duration::from_millis(800)).await;
+    let gw = limited(up.addr, "    idle_timeout: 200ms\n", "").await;
+    let mut conn = RawConn::connect(gw.addr()).await;
+    conn.write(get_head()).await;
+    let head = conn.read_head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(conn.read_body(&head, false).await, b"slow");
+}
+
+/// After a first request, a later head that stalls half-way is cut at
+/// `header_read_timeout` (counted from its first byte), although the idle
+/// timeout is long.
+#[tokio::test]
+async fn a_stalled_later_head_is_cut_at_header_read_timeout() {
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(
+        up.addr,
+        "    header_read_timeout: 300ms\n    idle_timeout: 60s\n",
+        "",
+    )
+    .await;
+    let mut conn = RawConn::connect(gw.addr()).await;
+    conn.write(get_head()).await;
+    let head = conn.read_head().await;
+    conn.read_body(&head, false).await;
+    conn.write(b"GET /y HTTP/1.1\r\nhost: a\r\nx-part").await;
+    assert!(closes_within(&mut conn, Duration::from_secs(10)).await);
+    assert_eq!(up.hits(), 1);
+    // A connection that never sends anything is cut at the same timeout.
+    let mut silent = RawConn::connect(gw.addr()).await;
+    assert!(closes_within(&mut silent, Duration::from_secs(10)).await);
+}
+
+/// An idle HTTP/2 connection gets GOAWAY at `idle_timeout` and is closed.
+#[tokio::test]
+async fn idle_http2_connections_get_goaway() {
+    use super::support::h2raw::{self, RawH2};
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited(up.addr, "    idle_timeout: 300ms\n", "").await;
+    let mut conn = RawH2::connect(gw.addr()).await;
+    let (frames, closed) = conn.frames_until_close(Duration::from_secs(10)).await;
+    assert!(closed, "the idle connection was closed");
+    assert!(
+        frames.iter().any(|f| f.kind == h2raw::GOAWAY),
+        "GOAWAY before closing: {frames:?}"
+    );
+}

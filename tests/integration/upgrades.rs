@@ -20,7 +20,7 @@ const MESSAGES: usize = 1000;
 /// Message `i`: text and binary alternate; sizes vary, some span many TCP
 /// segments.
 fn message(i: usize) -> Message {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         Message::text(format!("message {i}: {}", "é".repeat(i % 50)))
     } else {
         let len = if i % 100 == 1 { 64 * 1024 + i } else { i % 300 };
