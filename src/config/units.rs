@@ -82,9 +82,9 @@ impl serde::Serialize for Dur {
         let ms = self.0.as_millis();
         if self.0.is_zero() {
             s.serialize_str("0")
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             s.serialize_str(&format!("{}s", ms / 1000))
-        } else if self.0.as_nanos() % 1_000_000 == 0 {
+        } else if self.0.as_nanos().is_multiple_of(1_000_000) {
             s.serialize_str(&format!("{ms}ms"))
         } else {
             s.serialize_str(&format!("{}ms", self.0.as_secs_f64() * 1000.0))
