@@ -106,6 +106,17 @@ pub struct ClientBody {
     idle: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
     done: Option<Arc<BodyDone>>,
+    /// The route whose `portico_request_body_bytes` counts this body (added
+    /// once, when the body is dropped).
+    tally: Option<Arc<crate::metrics::RouteMetrics>>,
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if let Some(t) = &self.tally {
+            t.add_bytes_in(self.limit - self.remaining);
+        }
+    }
 }
 
 impl ClientBody {
@@ -117,7 +128,14 @@ impl ClientBody {
             idle,
             timer: None,
             done: None,
+            tally: None,
         }
+    }
+
+    /// Counts the bytes read into `route`'s request body bytes.
+    pub fn count_into(mut self, route: Arc<crate::metrics::RouteMetrics>) -> ClientBody {
+        self.tally = Some(route);
+        self
     }
 
     /// Sets `done` once the body has been read to its end.

@@ -56,9 +56,40 @@ pub enum ErrorKind {
     NoHealthyTarget,
     /// A fault inside the gateway.
     Internal,
+    /// The request lacks valid credentials (admin API: bearer token).
+    Unauthorized,
+    /// The path exists but not for this method.
+    MethodNotAllowed,
+    /// A configuration submitted for reload does not validate.
+    InvalidConfig,
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (`ALL[k.index()] == k`): metric
+    /// counters are arrays indexed by kind.
+    pub const ALL: [ErrorKind; 13] = [
+        ErrorKind::RouteNotFound,
+        ErrorKind::BadRequest,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::UriTooLong,
+        ErrorKind::RequestTimeout,
+        ErrorKind::UpstreamUnreachable,
+        ErrorKind::UpstreamProtocol,
+        ErrorKind::UpstreamTimeout,
+        ErrorKind::NoHealthyTarget,
+        ErrorKind::Internal,
+        ErrorKind::Unauthorized,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::InvalidConfig,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Position in [`ErrorKind::ALL`].
+    #[inline]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
@@ -70,6 +101,9 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::NoHealthyTarget => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::InvalidConfig => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -86,6 +120,9 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::NoHealthyTarget => "no_healthy_target",
             ErrorKind::Internal => "internal_error",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::InvalidConfig => "invalid_config",
         }
     }
 
@@ -95,7 +132,10 @@ impl ErrorKind {
             | ErrorKind::BadRequest
             | ErrorKind::PayloadTooLarge
             | ErrorKind::UriTooLong
-            | ErrorKind::RequestTimeout => ErrorSource::Client,
+            | ErrorKind::RequestTimeout
+            | ErrorKind::Unauthorized
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::InvalidConfig => ErrorSource::Client,
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamProtocol
             | ErrorKind::UpstreamTimeout => ErrorSource::Upstream,
@@ -114,6 +154,9 @@ impl ErrorKind {
             | ErrorKind::UpstreamProtocol
             | ErrorKind::NoHealthyTarget => 14, // UNAVAILABLE
             ErrorKind::Internal => 13,                          // INTERNAL
+            ErrorKind::Unauthorized => 16,                      // UNAUTHENTICATED
+            ErrorKind::MethodNotAllowed => 12,                  // UNIMPLEMENTED
+            ErrorKind::InvalidConfig => 3,                      // INVALID_ARGUMENT
         }
     }
 
@@ -142,6 +185,9 @@ pub struct GatewayError {
     cause: Option<BoxError>,
     /// Extra response headers (e.g. `Retry-After`, `WWW-Authenticate`).
     headers: Option<Box<HeaderMap>>,
+    /// Structured detail added to the JSON body as `error.details` (e.g.
+    /// the list of configuration errors of a rejected reload).
+    details: Option<Box<serde_json::Value>>,
 }
 
 impl GatewayError {
@@ -151,7 +197,14 @@ impl GatewayError {
             message: message.into(),
             cause: None,
             headers: None,
+            details: None,
         }
+    }
+
+    /// Adds `error.details` to the JSON body.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(Box::new(details));
+        self
     }
 
     pub fn with_cause(mut self, cause: impl Into<BoxError>) -> Self {
@@ -255,6 +308,8 @@ impl GatewayError {
             code: &'a str,
             message: &'a str,
             request_id: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            details: Option<&'a serde_json::Value>,
         }
         #[derive(serde::Serialize)]
         struct Envelope<'a> {
@@ -266,6 +321,7 @@ impl GatewayError {
                 code: self.kind.code(),
                 message: &self.message,
                 request_id: rid,
+                details: self.details.as_deref(),
             },
         };
         let bytes = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
@@ -344,5 +400,9 @@ mod tests {
         assert_eq!(ErrorKind::RouteNotFound.source(), ErrorSource::Client);
         assert!(ErrorKind::UpstreamUnreachable.retryable());
         assert!(!ErrorKind::BadRequest.retryable());
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i, "{k:?}");
+        }
+        assert_eq!(ErrorKind::InvalidConfig.index(), ErrorKind::COUNT - 1);
     }
 }

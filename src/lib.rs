@@ -4,12 +4,15 @@
 #![deny(unsafe_code)]
 
 pub mod action;
+pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod net;
 pub mod normalize;
+pub mod outcome;
 pub mod policy;
 pub mod proxy;
 pub mod rand;

@@ -10,6 +10,7 @@
 use crate::action::{Action, Echo, Respond};
 use crate::config::model::{self, RetryCondition, RetryOn};
 use crate::config::{ConfigError, ConfigErrors, Loaded};
+use crate::metrics::{RouteMetrics, UNMATCHED_ROUTE};
 use crate::net::{Cidr, CidrSet};
 use crate::policy::headers::{HeaderOps, HeadersPolicy};
 use crate::policy::Policy;
@@ -62,6 +63,8 @@ fn limit(bytes: u64) -> u64 {
 /// A compiled route: an ordered policy chain and one action.
 pub struct Route {
     pub name: Arc<str>,
+    /// This route's series, carried across reloads by route name.
+    pub metrics: Arc<RouteMetrics>,
     /// Overrides the listener's request body limit (`u64::MAX`: unlimited).
     pub max_body_bytes: Option<u64>,
     pub policies: Vec<Box<dyn Policy>>,
@@ -77,6 +80,15 @@ pub struct ListenerRoutes {
     pub routes: Vec<Arc<Route>>,
 }
 
+/// The admin listener as compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSpec {
+    pub addr: SocketAddr,
+    /// SHA-256 of the bearer token; requests present a token whose digest is
+    /// compared in constant time (the token itself is not kept here).
+    pub token_sha256: Option<[u8; 32]>,
+}
+
 pub struct Snapshot {
     pub drain_timeout: Duration,
     pub upgrade_timeout: Duration,
@@ -87,6 +99,9 @@ pub struct Snapshot {
     pub workers: Option<usize>,
     pub listeners: Vec<ListenerRoutes>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
+    /// Every compiled route once, in file order (listeners share them).
+    pub routes: Vec<Arc<Route>>,
+    pub admin: Option<AdminSpec>,
     pub config: model::Config,
 }
 
@@ -139,6 +154,12 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             c.err(
                 format!("{p}.name"),
                 format!("duplicate listener name `{}`", l.name),
+            );
+        }
+        if l.name.is_empty() || l.name.chars().any(char::is_control) {
+            c.err(
+                format!("{p}.name"),
+                "must be non-empty, without control characters",
             );
         }
         let addr = match l.address.parse::<SocketAddr>() {
@@ -228,15 +249,27 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         }
     }
 
+    // ---- admin
+    let admin = cfg.admin.as_ref().and_then(|a| compile_admin(&mut c, a));
+
     // ---- routes
     let mut routes: Vec<(usize, Arc<Route>, Pattern, Conditions)> = Vec::new();
     let mut route_names = HashSet::new();
+    let previous_metrics: HashMap<&str, &Arc<RouteMetrics>> = previous
+        .map(|s| s.routes.iter().map(|r| (&*r.name, &r.metrics)).collect())
+        .unwrap_or_default();
     for (i, r) in cfg.routes.iter().enumerate() {
         let p = format!("routes[{i}]");
         if !route_names.insert(r.name.as_str()) {
             c.err(
                 format!("{p}.name"),
                 format!("duplicate route name `{}`", r.name),
+            );
+        }
+        if r.name == UNMATCHED_ROUTE {
+            c.err(
+                format!("{p}.name"),
+                format!("`{UNMATCHED_ROUTE}` is reserved (the metrics label of requests that match no route)"),
             );
         }
         for (j, l) in r.listeners.iter().enumerate() {
@@ -247,7 +280,11 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
                 );
             }
         }
-        if let Some(compiled) = compile_route(&mut c, &p, r, &upstreams) {
+        let metrics = previous_metrics
+            .get(r.name.as_str())
+            .map(|m| Arc::clone(m))
+            .unwrap_or_else(|| Arc::new(RouteMetrics::new(r.name.as_str().into())));
+        if let Some(compiled) = compile_route(&mut c, &p, r, &upstreams, metrics) {
             routes.push((i, Arc::new(compiled.0), compiled.1, compiled.2));
         }
     }
@@ -257,6 +294,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         return Err(ConfigErrors(c.errors));
     }
 
+    let all_routes: Vec<Arc<Route>> = routes.iter().map(|(_, r, _, _)| r.clone()).collect();
     let listeners = listeners
         .into_iter()
         .map(|spec| {
@@ -288,7 +326,44 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         workers: cfg.workers,
         listeners,
         upstreams,
+        routes: all_routes,
+        admin,
         config: cfg.clone(),
+    })
+}
+
+/// `admin`: a bearer token is required unless the address is loopback.
+fn compile_admin(c: &mut Compiler, a: &model::Admin) -> Option<AdminSpec> {
+    let addr = match a.address.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            c.err(
+                "admin.address",
+                format!("`{}` is not an `ip:port` address", a.address),
+            );
+            return None;
+        }
+    };
+    let token = match a.token.as_deref() {
+        Some(t) if t.trim().is_empty() => {
+            c.err("admin.token", "must not be empty");
+            return None;
+        }
+        Some(t) => Some(t),
+        None => None,
+    };
+    if token.is_none() && !addr.ip().is_loopback() {
+        c.err(
+            "admin.token",
+            format!(
+                "a bearer token is required when the admin listener is bound to a non-loopback address ({addr}); set `admin.token` (e.g. `token: ${{ADMIN_TOKEN}}`) or bind to 127.0.0.1"
+            ),
+        );
+        return None;
+    }
+    Some(AdminSpec {
+        addr,
+        token_sha256: token.map(crate::admin::token_digest),
     })
 }
 
@@ -617,6 +692,7 @@ fn compile_route(
     p: &str,
     r: &model::Route,
     upstreams: &HashMap<String, Arc<Upstream>>,
+    metrics: Arc<RouteMetrics>,
 ) -> Option<(Route, Pattern, Conditions)> {
     let before = c.errors.len();
     let m = &r.matcher;
@@ -727,6 +803,7 @@ fn compile_route(
     }
     let route = Route {
         name: r.name.as_str().into(),
+        metrics,
         max_body_bytes: r.max_body_bytes.map(|s| limit(s.0)),
         policies,
         action: action?,
@@ -1010,6 +1087,19 @@ mod tests {
     }
 
     #[test]
+    fn listener_names_without_control_characters() {
+        for name in ["\"\"", "\"a\\u0001b\"", "\"\\tx\""] {
+            let e = errors(&format!(
+                "listeners:\n  - name: {name}\n    address: 127.0.0.1:0\n"
+            ));
+            assert!(
+                e.iter().any(|e| e.path == "listeners[0].name"),
+                "{name}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
     fn zero_header_read_timeout_is_rejected() {
         let e = errors(
             "listeners:\n  - name: main\n    address: 127.0.0.1:0\n    header_read_timeout: 0\n",
@@ -1048,6 +1138,45 @@ mod tests {
         ] {
             assert!(errors(&format!("{BASE}routes:\n  - name: r\n    match: {{{m}}}\n    action: {{proxy: {{upstream: up}}}}\n")).is_empty(), "{m}");
         }
+    }
+
+    #[test]
+    fn admin_needs_a_token_off_loopback() {
+        let e = errors("listeners:\n  - name: main\n    address: 127.0.0.1:0\nadmin:\n  address: 0.0.0.0:9901\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "admin.token");
+        assert_eq!(e[0].line, 4, "{}", e[0]);
+        assert!(e[0].message.contains("non-loopback"), "{}", e[0]);
+        let ok = |admin: &str| {
+            errors(&format!(
+                "listeners:\n  - name: main\n    address: 127.0.0.1:0\nadmin:\n{admin}"
+            ))
+        };
+        assert!(ok("  address: 0.0.0.0:9901\n  token: s3cret\n").is_empty());
+        assert!(ok("  address: '[::1]:9901'\n").is_empty());
+        assert!(ok("  {}\n").is_empty());
+        let e = ok("  address: 127.0.0.1:9901\n  token: ''\n");
+        assert_eq!(e[0].path, "admin.token", "{e:?}");
+        let e = ok("  address: localhost:9901\n");
+        assert_eq!(e[0].path, "admin.address", "{e:?}");
+    }
+
+    #[test]
+    fn route_metrics_are_carried_over_by_name() {
+        let text = |name: &str| {
+            format!("{BASE}routes:\n  - name: {name}\n    action: {{proxy: {{upstream: up}}}}\n  - name: other\n    match: {{path: /o}}\n    action: {{echo: {{}}}}\n")
+        };
+        let load =
+            |t: &str, prev| compile(&parse_str("t.yaml", t, |_| None).unwrap(), prev).unwrap();
+        let a = load(&text("r"), None);
+        let b = load(&text("r"), Some(&a));
+        assert!(Arc::ptr_eq(&a.routes[0].metrics, &b.routes[0].metrics));
+        assert!(Arc::ptr_eq(&a.routes[1].metrics, &b.routes[1].metrics));
+        let c = load(&text("renamed"), Some(&b));
+        assert!(!Arc::ptr_eq(&b.routes[0].metrics, &c.routes[0].metrics));
+        assert!(Arc::ptr_eq(&b.routes[1].metrics, &c.routes[1].metrics));
+        let e = errors(&text("\"(unmatched)\""));
+        assert_eq!(e[0].path, "routes[0].name", "{e:?}");
     }
 
     #[test]

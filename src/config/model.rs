@@ -5,11 +5,11 @@
 //! are mirrored in docs/configuration.md.
 
 use super::units::{Dur, Size};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Worker threads; default: the number of CPUs. `--workers` overrides it.
@@ -31,11 +31,28 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The admin listener (metrics, status, reload); none when absent.
+    #[serde(default)]
+    pub admin: Option<Admin>,
+}
+
+// ---------------------------------------------------------------- admin
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `host:port` of the admin listener; loopback by default.
+    #[serde(default = "defaults::admin_address")]
+    pub address: String,
+    /// Bearer token required on every admin endpoint but `/healthz` and
+    /// `/readyz`; mandatory when `address` is not a loopback address.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 // ---------------------------------------------------------------- listeners
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
@@ -97,7 +114,7 @@ pub struct Listener {
     pub client_identity_header: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
     /// Certificate chains and keys; chosen by SNI.
@@ -107,7 +124,7 @@ pub struct ListenerTls {
     pub client_auth: Option<ClientAuth>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Certificate {
     /// PEM file: the certificate, then its intermediates. Relative paths are
@@ -123,7 +140,7 @@ pub struct Certificate {
     pub default: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuth {
     pub mode: ClientAuthMode,
@@ -131,7 +148,7 @@ pub struct ClientAuth {
     pub ca: String,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuthMode {
     /// A client may present a certificate; if it does, it must verify.
@@ -140,7 +157,7 @@ pub enum ClientAuthMode {
     Required,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedirectToHttps {
     /// HTTPS port in the `Location`; omitted when 443.
@@ -148,7 +165,7 @@ pub struct RedirectToHttps {
     pub port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Hsts {
     #[serde(default = "defaults::hsts_max_age")]
@@ -161,7 +178,7 @@ pub struct Hsts {
 
 // ---------------------------------------------------------------- upstreams
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub name: String,
@@ -194,7 +211,7 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
     /// PEM bundle of the CAs trusted for the targets; default: the webpki (Mozilla) roots.
@@ -210,7 +227,7 @@ pub struct UpstreamTls {
     pub client_key: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
     /// `host:port`; the host may be an IP address or a name resolved by DNS.
@@ -219,7 +236,7 @@ pub struct Target {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]
@@ -228,7 +245,7 @@ pub enum Protocol {
     H2,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     /// Smooth weighted round-robin.
@@ -242,7 +259,7 @@ pub enum Balance {
     Random,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Pool {
     /// Idle keep-alive connections kept per target.
@@ -261,7 +278,7 @@ impl Default for Pool {
 }
 
 /// Upstream timeouts. `0` disables one.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     /// TCP connect to a target. Default 5s.
@@ -272,7 +289,7 @@ pub struct Timeouts {
     pub request: Option<Dur>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Retries {
     /// Additional attempts after the first.
@@ -294,14 +311,14 @@ impl Default for Retries {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum RetryOn {
     Status(u16),
     Condition(RetryCondition),
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RetryCondition {
     /// The connection could not be made (the request was never sent).
@@ -312,7 +329,7 @@ pub enum RetryCondition {
     Reset,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Backoff {
     pub base: Dur,
@@ -328,7 +345,7 @@ impl Default for Backoff {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryBudget {
     /// Retries may add at most this fraction of requests.
@@ -346,7 +363,7 @@ impl Default for RetryBudget {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub path: String,
@@ -366,14 +383,14 @@ pub struct HealthCheck {
     pub host: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum StatusRange {
     Code(u16),
     Range(String),
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierDetection {
     /// Consecutive failures (connect errors, timeouts, 5xx) that eject a target; 0 disables.
@@ -395,7 +412,7 @@ impl Default for OutlierDetection {
 
 // ---------------------------------------------------------------- routes
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: String,
@@ -415,7 +432,7 @@ pub struct Route {
     pub max_body_bytes: Option<Size>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Match {
     /// Exact names or `*.suffix` wildcards; empty = any host.
@@ -435,7 +452,7 @@ pub struct Match {
     pub query: Vec<ValueMatch>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ValueMatch {
     pub name: String,
@@ -449,7 +466,7 @@ pub struct ValueMatch {
 }
 
 /// One policy step; exactly one key is set (checked by the compiler).
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Request and response header changes.
@@ -457,7 +474,7 @@ pub struct Policy {
     pub headers: Option<HeadersPolicy>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HeadersPolicy {
     #[serde(default)]
@@ -466,7 +483,7 @@ pub struct HeadersPolicy {
     pub response: HeaderOps,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOps {
     /// Replace (or create) these headers.
@@ -480,7 +497,7 @@ pub struct HeaderOps {
 }
 
 /// The route's action; exactly one key is set (checked by the compiler).
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Action {
     #[serde(default)]
@@ -491,7 +508,7 @@ pub struct Action {
     pub echo: Option<EchoAction>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyAction {
     pub upstream: String,
@@ -511,7 +528,7 @@ pub struct ProxyAction {
     pub upgrades: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Rewrite {
     /// Remove this leading path prefix.
@@ -525,14 +542,14 @@ pub struct Rewrite {
     pub path: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ReplacePrefix {
     pub from: String,
     pub to: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RespondAction {
     #[serde(default = "defaults::status_ok")]
@@ -547,7 +564,7 @@ pub struct RespondAction {
     pub json: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EchoAction {
     /// Status to answer with; default 200.
@@ -618,5 +635,8 @@ pub(crate) mod defaults {
     }
     pub fn status_ok() -> u16 {
         200
+    }
+    pub fn admin_address() -> String {
+        "127.0.0.1:9901".into()
     }
 }

@@ -76,6 +76,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is out of range"))
 }
 
+/// Written back as it could be read: `0`, whole seconds as `Ns`, else `Nms`.
+impl serde::Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ms = self.0.as_millis();
+        if self.0.is_zero() {
+            s.serialize_str("0")
+        } else if ms.is_multiple_of(1000) {
+            s.serialize_str(&format!("{}s", ms / 1000))
+        } else if self.0.as_nanos().is_multiple_of(1_000_000) {
+            s.serialize_str(&format!("{ms}ms"))
+        } else {
+            s.serialize_str(&format!("{}ms", self.0.as_secs_f64() * 1000.0))
+        }
+    }
+}
+
+/// Written as a number of bytes.
+impl serde::Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;

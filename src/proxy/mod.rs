@@ -330,6 +330,7 @@ impl ProxyAction {
                 Ok(l) => l,
                 Err(e) => {
                     ep.health.record_failure(&up.outlier);
+                    ep.metrics.error(e.kind());
                     if retry.on_connect_failure && can_retry(attempt) {
                         attempt += 1;
                         excluded.push(index);
@@ -375,6 +376,7 @@ impl ProxyAction {
             let (wanted, outcome) = match waited {
                 None => {
                     ep.health.record_failure(&up.outlier);
+                    ep.metrics.error(ErrorKind::UpstreamTimeout);
                     let t = self.timeouts.response_header.unwrap_or_default();
                     let e = GatewayError::new(
                         ErrorKind::UpstreamTimeout,
@@ -404,6 +406,7 @@ impl ProxyAction {
                         return Err(GatewayError::from_body(*b));
                     }
                     ep.health.record_failure(&up.outlier);
+                    ep.metrics.error(ErrorKind::UpstreamProtocol);
                     let e = GatewayError::new(
                         ErrorKind::UpstreamProtocol,
                         format!("upstream `{}` failed the exchange", up.name),
@@ -412,7 +415,9 @@ impl ProxyAction {
                     (retry.on_reset, Err(e))
                 }
                 Some(Ok(resp)) => {
-                    ep.load.observe(started.elapsed());
+                    let took = started.elapsed();
+                    ep.load.observe(took);
+                    ep.metrics.duration.observe(took);
                     let status = resp.status();
                     if status.is_server_error() {
                         ep.health.record_failure(&up.outlier);

@@ -7,7 +7,9 @@
 //! are bound (before the swap, so a port in use rejects the reload), removed
 //! ones stop accepting while their connections finish. Listener settings
 //! (limits, timeouts) are read from the live snapshot for each new
-//! connection.
+//! connection. The admin listener (`crate::admin`) is reconciled the same
+//! way; it is bound first and keeps serving while the gateway drains, so
+//! `/readyz` can say "not ready" during start-up and shutdown.
 //!
 //! Shutdown and the hand-over of a binary upgrade both *drain*
 //! ([`Shared::begin_drain`]): listeners stop accepting, HTTP/2 connections
@@ -23,7 +25,8 @@ pub mod service;
 mod sys;
 pub mod upgrade;
 
-use crate::config;
+use crate::config::{self, ConfigErrors};
+use crate::metrics::{conn_class, GatewayMetrics, ListenerMetrics};
 use crate::snapshot::{compile, ListenerSpec, Snapshot};
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -35,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
@@ -61,7 +64,7 @@ pub enum Phase {
 }
 
 /// A bound listener and the switch that stops its accept loop.
-struct Bound {
+pub(crate) struct Bound {
     /// The configured address (port 0 stays 0 here).
     configured: SocketAddr,
     local: SocketAddr,
@@ -84,6 +87,40 @@ pub struct Shared {
     accepting: AtomicUsize,
     /// Touched only when listeners are bound or stopped (start, reload).
     listeners: Mutex<HashMap<Arc<str>, Bound>>,
+    /// The admin listener, when configured.
+    admin: Mutex<Option<Bound>>,
+    /// Set once every listener is bound at start.
+    ready: AtomicBool,
+    pub metrics: GatewayMetrics,
+    pub started_at: SystemTime,
+    started: Instant,
+}
+
+/// Why a reload was rejected (the previous configuration keeps serving).
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The file cannot be read or does not validate.
+    Invalid(ConfigErrors),
+    /// It validates but cannot be applied (an address cannot be bound), or
+    /// there is no file to reload.
+    Failed(String),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Invalid(e) => write!(f, "{e}"),
+            ReloadError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A reload that went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// False when the file was unchanged (nothing was done).
+    pub changed: bool,
+    pub hash: u64,
 }
 
 impl Shared {
@@ -92,16 +129,33 @@ impl Shared {
     /// error (as `portico validate` prints it) is returned. An unchanged
     /// file is a no-op.
     pub fn reload(self: &Arc<Self>) -> Result<(), String> {
+        self.reload_checked().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// [`Shared::reload`] with the error kept structured (the admin API
+    /// answers a bad configuration with its list of errors). Every call is
+    /// counted in `portico_config_reloads_total`.
+    pub fn reload_checked(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
+        let r = self.reload_inner();
+        self.metrics.reloaded(r.is_ok());
+        r
+    }
+
+    fn reload_inner(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
+        let failed = |m: String| ReloadError::Failed(m);
         let path = self
             .config_path
             .as_ref()
-            .ok_or("no config file to reload")?;
-        let loaded = config::load_file(path).map_err(|e| e.to_string())?;
+            .ok_or_else(|| failed("no config file to reload".into()))?;
+        let loaded = config::load_file(path).map_err(ReloadError::Invalid)?;
         let current = self.snapshot.load_full();
         if loaded.hash == current.hash {
-            return Ok(());
+            return Ok(Reloaded {
+                changed: false,
+                hash: loaded.hash,
+            });
         }
-        let next = compile(&loaded, Some(&current)).map_err(|e| e.to_string())?;
+        let next = compile(&loaded, Some(&current)).map_err(ReloadError::Invalid)?;
 
         // Bind what is new or moved before anything changes.
         let mut fresh = Vec::new();
@@ -109,7 +163,7 @@ impl Shared {
             let bound = self
                 .listeners
                 .lock()
-                .map_err(|_| "listener table poisoned")?;
+                .map_err(|_| failed("listener table poisoned".into()))?;
             for l in &next.listeners {
                 let same = bound
                     .get(&l.spec.name)
@@ -117,21 +171,40 @@ impl Shared {
                 if !same {
                     let reuse_port = bound.values().any(|b| b.local == l.spec.addr);
                     if reuse_port {
-                        return Err(format!(
+                        return Err(failed(format!(
                             "listener `{}`: {} is still bound by another listener; rename or move them in two reloads",
                             l.spec.name, l.spec.addr
-                        ));
+                        )));
                     }
                     let listener = bind(l.spec.addr).map_err(|e| {
-                        format!(
+                        failed(format!(
                             "cannot bind listener `{}` to {}: {e}",
                             l.spec.name, l.spec.addr
-                        )
+                        ))
                     })?;
                     fresh.push((listener, l.spec.clone()));
                 }
             }
         }
+        // The admin listener: bound now if it is new or moved.
+        let next_admin = next.admin.as_ref().map(|a| a.addr);
+        let fresh_admin = match next_admin {
+            Some(addr) => {
+                let current = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+                match current.as_ref() {
+                    Some(b) if b.configured == addr => None,
+                    Some(b) if b.local == addr => {
+                        return Err(failed(format!(
+                            "admin: {addr} is still bound by the current admin listener"
+                        )))
+                    }
+                    _ => Some(bind(addr).map_err(|e| {
+                        failed(format!("cannot bind the admin listener to {addr}: {e}"))
+                    })?),
+                }
+            }
+            None => None,
+        };
         for up in next.upstreams.values() {
             up.start();
         }
@@ -143,10 +216,24 @@ impl Shared {
         let keep: Vec<Arc<str>> = next.listeners.iter().map(|l| l.spec.name.clone()).collect();
         self.snapshot.store(Arc::new(next));
         {
+            let mut admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            let stays =
+                matches!((admin.as_ref(), next_admin), (Some(b), Some(a)) if b.configured == a);
+            if !stays {
+                if let Some(b) = admin.take() {
+                    let _ = b.stop.send(true);
+                    tracing::info!(address = %b.local, "admin listener stopped");
+                }
+            }
+            if let (Some(listener), Some(addr)) = (fresh_admin, next_admin) {
+                *admin = Some(self.spawn_admin(listener, addr));
+            }
+        }
+        {
             let mut bound = self
                 .listeners
                 .lock()
-                .map_err(|_| "listener table poisoned")?;
+                .map_err(|_| failed("listener table poisoned".into()))?;
             let moved: Vec<Arc<str>> = fresh.iter().map(|(_, s)| s.name.clone()).collect();
             bound.retain(|name, b| {
                 let stays = keep.contains(name) && !moved.contains(name);
@@ -161,7 +248,55 @@ impl Shared {
             }
         }
         tracing::info!(file = %path.display(), hash = format!("{:016x}", loaded.hash), "configuration reloaded");
-        Ok(())
+        Ok(Reloaded {
+            changed: true,
+            hash: loaded.hash,
+        })
+    }
+
+    /// Starts serving the admin API on `listener`.
+    fn spawn_admin(self: &Arc<Self>, listener: TcpListener, configured: SocketAddr) -> Bound {
+        let local = listener.local_addr().unwrap_or(configured);
+        let (stop, stopped) = watch::channel(false);
+        tracing::info!(address = %local, "admin listener");
+        let listener = Arc::new(listener);
+        tokio::spawn(crate::admin::serve(
+            listener.clone(),
+            configured,
+            self.clone(),
+            stopped,
+        ));
+        Bound {
+            configured,
+            local,
+            stop,
+            listener: Some(listener),
+        }
+    }
+
+    /// The bound address of the admin listener (resolves port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.lock().ok()?.as_ref().map(|b| b.local)
+    }
+
+    /// Ready for traffic: every listener bound and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.is_draining()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The bound addresses of the data listeners, by name.
+    pub fn bound_listeners(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        let mut v: Vec<_> = self
+            .listeners
+            .lock()
+            .map(|b| b.iter().map(|(n, b)| (n.clone(), b.local)).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     fn spawn_listener(
@@ -184,7 +319,14 @@ impl Shared {
             },
         );
         self.accepting.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(accept_loop(listener, spec.name, self.clone(), stopped));
+        let metrics = self.metrics.listener(&spec.name);
+        tokio::spawn(accept_loop(
+            listener,
+            spec.name,
+            self.clone(),
+            metrics,
+            stopped,
+        ));
     }
 
     /// Starts draining: accept loops stop (the sockets close unless an
@@ -234,6 +376,13 @@ impl Running {
             .unwrap_or_else(|| panic!("no listener named `{listener}`"))
     }
 
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.shared
+            .admin_addr()
+            .expect("the configuration has an `admin` listener")
+    }
+
     /// Drains ([`Shared::begin_drain`]) and waits up to `drain` for open
     /// connections (and WebSocket tunnels) to finish; then drops the
     /// connections still open.
@@ -280,6 +429,39 @@ pub async fn start_with(
     config_path: Option<PathBuf>,
     inherited: &mut upgrade::Inherited,
 ) -> std::io::Result<Running> {
+    let admin = snapshot.admin.as_ref().map(|a| a.addr);
+    let (phase, _) = watch::channel(Phase::Serving);
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        config_path,
+        phase,
+        draining: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        accepting: AtomicUsize::new(0),
+        listeners: Mutex::new(HashMap::new()),
+        admin: Mutex::new(None),
+        ready: AtomicBool::new(false),
+        metrics: GatewayMetrics::default(),
+        started_at: SystemTime::now(),
+        started: Instant::now(),
+    });
+    // The admin listener first: `/readyz` answers (not ready) during start-up.
+    if let Some(addr) = admin {
+        let listener = take_or_bind(inherited, upgrade::ADMIN_LISTENER, addr).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot bind the admin listener to {addr}: {e}"),
+            )
+        })?;
+        let b = shared.spawn_admin(listener, addr);
+        *shared.admin.lock().expect("fresh mutex") = Some(b);
+    }
+    let stop_admin = || {
+        if let Some(b) = shared.admin.lock().ok().and_then(|mut a| a.take()) {
+            let _ = b.stop.send(true);
+        }
+    };
+    let snapshot = shared.snapshot.load_full();
     // Named targets are resolved before the first request (bounded wait).
     let resolving: Vec<_> = snapshot.upstreams.values().cloned().collect();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -298,44 +480,53 @@ pub async fn start_with(
     }
     let mut listeners = Vec::new();
     for l in &snapshot.listeners {
-        let listener = match inherited.take(&l.spec.name, l.spec.addr) {
-            Some(socket) => {
-                tracing::info!(listener = %l.spec.name, address = %l.spec.addr, "upgrade: using the inherited socket");
-                socket
-                    .set_nonblocking(true)
-                    .and_then(|()| TcpListener::from_std(socket))
+        match take_or_bind(inherited, &l.spec.name, l.spec.addr) {
+            Ok(listener) => listeners.push((listener, l.spec.clone())),
+            Err(e) => {
+                stop_admin();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot bind listener `{}` to {}: {e}",
+                        l.spec.name, l.spec.addr
+                    ),
+                ));
             }
-            None => bind(l.spec.addr),
         }
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot bind listener `{}` to {}: {e}",
-                    l.spec.name, l.spec.addr
-                ),
-            )
-        })?;
-        listeners.push((listener, l.spec.clone()));
     }
     inherited.close_unused();
-    let (phase, _) = watch::channel(Phase::Serving);
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        config_path,
-        phase,
-        draining: AtomicBool::new(false),
-        connections: AtomicUsize::new(0),
-        accepting: AtomicUsize::new(0),
-        listeners: Mutex::new(HashMap::new()),
-    });
+    drop(snapshot);
     {
         let mut bound = shared.listeners.lock().expect("fresh mutex");
         for (listener, spec) in listeners {
             shared.spawn_listener(&mut bound, listener, spec);
         }
     }
+    shared.ready.store(true, Ordering::Release);
     Ok(Running { shared })
+}
+
+/// The socket a parent process handed over for listener `name` at `addr`
+/// (binary upgrade), else a newly bound one.
+fn take_or_bind(
+    inherited: &mut upgrade::Inherited,
+    name: &str,
+    addr: SocketAddr,
+) -> std::io::Result<TcpListener> {
+    match inherited.take(name, addr) {
+        Some(socket) => {
+            let shown = if name == upgrade::ADMIN_LISTENER {
+                "(admin)"
+            } else {
+                name
+            };
+            tracing::info!(listener = %shown, address = %addr, "upgrade: using the inherited socket");
+            socket
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(socket))
+        }
+        None => bind(addr),
+    }
 }
 
 /// Per-connection facts every request on it needs.
@@ -346,6 +537,8 @@ pub struct ConnCtx {
     pub tls: bool,
     /// The verified client certificate (TLS listeners with `client_auth`).
     pub client_identity: Option<Arc<crate::tls::ClientIdentity>>,
+    /// The listener's connection series.
+    pub metrics: Arc<ListenerMetrics>,
 }
 
 /// Open connections of one listener, in total and per client IP.
@@ -414,6 +607,7 @@ async fn accept_loop(
     listener: Arc<TcpListener>,
     name: Arc<str>,
     shared: Arc<Shared>,
+    metrics: Arc<ListenerMetrics>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let _guard = AcceptGuard(shared.clone());
@@ -448,7 +642,10 @@ async fn accept_loop(
                 if let Some(tls) = spec.tls.terminator.clone() {
                     // The handshake runs in the connection's own task.
                     let (shared, name) = (shared.clone(), name.clone());
-                    tokio::spawn(serve_tls(stream, tls, shared, name, peer, spec, permit));
+                    let metrics = metrics.clone();
+                    tokio::spawn(serve_tls(
+                        stream, tls, shared, name, metrics, peer, spec, permit,
+                    ));
                     continue;
                 }
                 let ctx = Arc::new(ConnCtx {
@@ -457,6 +654,7 @@ async fn accept_loop(
                     peer,
                     tls: false,
                     client_identity: None,
+                    metrics: metrics.clone(),
                 });
                 tokio::spawn(async move {
                     let h2 = spec.http2 && sniff_h2c(&stream, spec.header_read_timeout).await;
@@ -474,12 +672,14 @@ async fn accept_loop(
 
 /// A TLS connection: the handshake (within `header_read_timeout`), then
 /// HTTP over it like any connection. Failed handshakes are counted in
-/// `tls::HANDSHAKE_FAILURES`.
+/// `tls::HANDSHAKE_FAILURES` and in the listener's series.
+#[allow(clippy::too_many_arguments)]
 async fn serve_tls(
     stream: tokio::net::TcpStream,
     tls: Arc<crate::tls::TlsTerminator>,
     shared: Arc<Shared>,
     listener: Arc<str>,
+    metrics: Arc<ListenerMetrics>,
     peer: SocketAddr,
     spec: ListenerSpec,
     permit: ConnPermit,
@@ -487,6 +687,7 @@ async fn serve_tls(
     let accepted = match tls.accept(stream, spec.header_read_timeout).await {
         Ok(a) => a,
         Err(e) => {
+            metrics.tls_handshake_failed();
             tracing::debug!(listener = %listener, peer = %peer, error = %e, "TLS handshake failed");
             return;
         }
@@ -499,6 +700,7 @@ async fn serve_tls(
         peer,
         tls: true,
         client_identity: accepted.identity,
+        metrics,
     });
     let h2 = matches!(accepted.alpn, crate::tls::Alpn::H2);
     serve_connection(accepted.stream, ctx, spec, permit, h2).await
@@ -594,15 +796,16 @@ impl Drop for InFlight {
 }
 
 /// A response body that keeps its request in flight until it is dropped
-/// (hyper drops it once written, or when the exchange is abandoned).
+/// (hyper drops it once written, or when the exchange is abandoned). It
+/// wraps the request's `Observed` body, whose outcome is recorded then too.
 pub struct Tracked {
-    body: crate::body::Body,
+    body: crate::outcome::Observed,
     _in_flight: InFlight,
 }
 
 impl http_body::Body for Tracked {
     type Data = bytes::Bytes;
-    type Error = <crate::body::Body as http_body::Body>::Error;
+    type Error = <crate::outcome::Observed as http_body::Body>::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -620,11 +823,13 @@ impl http_body::Body for Tracked {
     }
 }
 
-struct ConnGuard(Arc<Shared>);
+/// A served connection's place in the open-connection counts.
+struct ConnGuard(Arc<ConnCtx>, usize);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.closed(self.1);
     }
 }
 
@@ -643,7 +848,9 @@ pub async fn serve_connection<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     ctx.shared.connections.fetch_add(1, Ordering::Relaxed);
-    let _guard = ConnGuard(ctx.shared.clone());
+    let class = conn_class(h2, ctx.tls);
+    ctx.metrics.opened(class);
+    let _guard = ConnGuard(ctx.clone(), class);
     let _permit = permit;
     let svc_ctx = ctx.clone();
     let hsts = spec.tls.hsts.clone();
@@ -965,7 +1172,13 @@ pub async fn serve_file(
     if upgrading.take().is_some() {
         tracing::warn!("upgrade abandoned: shutting down; the new process was stopped");
     }
-    if !handed_over {
+    if handed_over {
+        // The new process serves the admin API on the same socket; this one
+        // must not answer `/readyz` with "draining" for the service.
+        if let Some(b) = running.shared.admin.lock().ok().and_then(|mut a| a.take()) {
+            let _ = b.stop.send(true);
+        }
+    } else {
         // Not after a hand-over: the unit now follows the new process.
         notify::notify("STOPPING=1");
     }

@@ -10,11 +10,15 @@
 //! 6. run `on_response` of the policies that ran, in reverse order;
 //! 7. stamp `x-request-id` on the response.
 //!
-//! Any [`GatewayError`] becomes the standard JSON error response here.
+//! Any [`GatewayError`] becomes the standard JSON error response here (and
+//! is counted in `portico_gateway_errors_total`). Every request carries an
+//! [`Outcome`] from its arrival; the response body takes it along and it is
+//! recorded when hyper is done with the body (see `crate::outcome`).
 
 use super::ConnCtx;
 use crate::body::{Body, ClientBody};
 use crate::error::{ErrorKind, GatewayError};
+use crate::outcome::{Observed, Outcome};
 use crate::policy::{Ctx, Flow};
 use crate::proxy::{forward, X_REQUEST_ID};
 use crate::rand::fast_u64;
@@ -22,8 +26,44 @@ use crate::router::RequestView;
 use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use std::borrow::Cow;
+use std::time::Instant;
 
-pub async fn handle(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
+/// A response and the gateway error it carries, if it is one.
+type Answer = (Response<Body>, Option<ErrorKind>);
+
+pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Observed> {
+    let start = Instant::now();
+    let method = crate::metrics::method_class(req.method());
+    // Set once a route matched; dropped unfinished (cancelled) if this
+    // future is dropped before there is a response.
+    let mut outcome: Option<Outcome> = None;
+    let (resp, error) = respond(conn, req, start, method, &mut outcome).await;
+    let mut outcome = outcome
+        .unwrap_or_else(|| Outcome::new(start, method, conn.shared.metrics.unmatched.clone()));
+    if let Some(kind) = error {
+        conn.shared.metrics.error(kind);
+        outcome.error = Some(kind);
+    }
+    let status = resp.status().as_u16();
+    resp.map(|b| Observed::new(b, outcome, status))
+}
+
+/// The gateway-made error response for `e`.
+fn fail(e: GatewayError, request_id: HeaderValue, grpc: bool) -> Answer {
+    let kind = e.kind();
+    (
+        finish(e.respond(Some(&request_id), grpc), request_id),
+        Some(kind),
+    )
+}
+
+async fn respond(
+    conn: &ConnCtx,
+    mut req: Request<Incoming>,
+    start: Instant,
+    method: u8,
+    outcome: &mut Option<Outcome>,
+) -> Answer {
     let snapshot = conn.shared.snapshot.load_full();
     // Gateway-made errors for gRPC calls are gRPC errors, not JSON.
     let grpc = crate::error::is_grpc(req.headers());
@@ -36,7 +76,7 @@ pub async fn handle(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body
     request_id.set_sensitive(true);
     let Some(lr) = snapshot.listener(&conn.listener) else {
         let e = GatewayError::new(ErrorKind::RouteNotFound, "listener no longer configured");
-        return finish(e.respond(Some(&request_id), grpc), request_id);
+        return fail(e, request_id, grpc);
     };
     let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri_len > lr.spec.max_uri_bytes {
@@ -44,18 +84,17 @@ pub async fn handle(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body
             ErrorKind::UriTooLong,
             format!("request target longer than {} bytes", lr.spec.max_uri_bytes),
         );
-        return finish(e.respond(Some(&request_id), grpc), request_id);
+        return fail(e, request_id, grpc);
     }
     // After the length check, so the limit applies to the target as sent.
     if let Err(e) = harden(&mut req) {
-        return finish(e.respond(Some(&request_id), grpc), request_id);
+        return fail(e, request_id, grpc);
     }
     if let Some(r) = &lr.spec.tls.redirect_to_https {
-        let resp = r.respond(&req);
-        return finish(
-            resp.unwrap_or_else(|e| e.respond(Some(&request_id), grpc)),
-            request_id,
-        );
+        return match r.respond(&req) {
+            Ok(resp) => (finish(resp, request_id), None),
+            Err(e) => fail(e, request_id, grpc),
+        };
     }
     // The client's own identity header is always dropped; ours is set.
     crate::tls::apply_identity_header(
@@ -85,10 +124,11 @@ pub async fn handle(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body
             ErrorKind::RouteNotFound,
             format!("no route for {} {}", req.method(), req.uri().path()),
         );
-        return finish(e.respond(Some(&request_id), grpc), request_id);
+        return fail(e, request_id, grpc);
     };
     drop(host);
     let route = &lr.routes[matched.route];
+    *outcome = Some(Outcome::new(start, method, route.metrics.clone()));
 
     let peer_ip = conn.peer.ip();
     let peer_trusted = !lr.trusted.is_empty() && lr.trusted.contains(peer_ip);
@@ -111,19 +151,18 @@ pub async fn handle(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body
     };
     let body_limit = route.max_body_bytes.unwrap_or(lr.spec.max_body_bytes);
     if let Some(e) = declared_body_too_large(req.headers(), body_limit) {
-        return finish(e.respond(Some(&ctx.request_id), grpc), ctx.request_id);
+        return fail(e, ctx.request_id, grpc);
     }
-    let mut req = if http_body::Body::is_end_stream(req.body())
-        || (body_limit == u64::MAX && lr.spec.body_read_timeout.is_none())
-    {
+    // A body is read through `ClientBody` (limits, and the route's byte
+    // count); the proxy would box an unwrapped one anyway.
+    let mut req = if http_body::Body::is_end_stream(req.body()) {
         req.map(Body::Incoming)
     } else {
         req.map(|b| {
-            Body::Client(Box::new(ClientBody::new(
-                b,
-                body_limit,
-                lr.spec.body_read_timeout,
-            )))
+            Body::Client(Box::new(
+                ClientBody::new(b, body_limit, lr.spec.body_read_timeout)
+                    .count_into(route.metrics.clone()),
+            ))
         })
     };
 
@@ -147,17 +186,17 @@ pub async fn handle(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body
         Some(r) => r,
         None => route.action.run(req, &mut ctx).await,
     };
-    let mut resp = match result {
-        Ok(r) => r,
+    let (mut resp, error) = match result {
+        Ok(r) => (r, None),
         Err(e) => {
             tracing::debug!(route = %ctx.route, request_id = ?ctx.request_id, error = %e, "request failed");
-            e.respond(Some(&ctx.request_id), grpc)
+            (e.respond(Some(&ctx.request_id), grpc), Some(e.kind()))
         }
     };
     for policy in route.policies[..ran].iter().rev() {
         policy.on_response(&mut resp, &ctx);
     }
-    finish(resp, ctx.request_id)
+    (finish(resp, ctx.request_id), error)
 }
 
 /// 413 at once when `Content-Length` already exceeds the limit.
@@ -222,7 +261,7 @@ fn valid_request_id(v: &HeaderValue) -> bool {
 }
 
 /// 32 hex characters from 128 random bits.
-fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut buf = [0u8; 32];
     let (a, b) = (fast_u64(), fast_u64());

@@ -85,6 +85,10 @@ pub struct Relaunch {
     pub args: Vec<OsString>,
 }
 
+/// The name the admin listener's socket is handed over under (listener
+/// names cannot contain control characters, so it cannot collide).
+pub const ADMIN_LISTENER: &str = "\u{1}admin";
+
 /// What a parent process handed over: listening sockets by listener name
 /// and configured address, and the readiness channel.
 #[derive(Default)]
@@ -282,7 +286,9 @@ pub(crate) async fn hand_over(
             .listeners
             .lock()
             .map_err(|_| "listener table poisoned")?;
-        for (name, b) in bound.iter() {
+        let admin = shared.admin.lock().map_err(|_| "admin listener poisoned")?;
+        let admin = admin.as_ref().map(|b| (ADMIN_LISTENER, b));
+        for (name, b) in bound.iter().map(|(n, b)| (&**n, b)).chain(admin) {
             let Some(listener) = &b.listener else {
                 continue;
             };

@@ -19,6 +19,8 @@ pub struct Endpoint {
     pub load: Load,
     /// TLS to this endpoint's target, if the upstream uses TLS.
     pub tls: Option<crate::tls::TargetTls>,
+    /// The target's series (shared with the target's other endpoints).
+    pub metrics: Arc<crate::metrics::TargetMetrics>,
 }
 
 impl Endpoint {
@@ -34,7 +36,14 @@ impl Endpoint {
             health: Health::default(),
             load: Load::default(),
             tls: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Records into `metrics` (the target's series).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::TargetMetrics>) -> Endpoint {
+        self.metrics = metrics;
+        self
     }
 
     /// Connections to this endpoint use `tls`.

@@ -67,6 +67,13 @@ impl Health {
         until != 0 && until > now_ms()
     }
 
+    /// How much longer the endpoint stays ejected (`None` when it is not).
+    pub fn ejected_for(&self) -> Option<std::time::Duration> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        let now = now_ms();
+        (until != 0 && until > now).then(|| std::time::Duration::from_millis(until - now))
+    }
+
     pub fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
     }

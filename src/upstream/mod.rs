@@ -13,6 +13,7 @@ pub mod health;
 pub mod pool;
 
 use crate::config::model;
+use crate::metrics::TargetMetrics;
 use arc_swap::ArcSwap;
 use balance::Balancer;
 use budget::RetryBudget;
@@ -59,6 +60,9 @@ pub struct Upstream {
     /// The definition this upstream was built from (reuse across reloads).
     pub spec: model::Upstream,
     pub targets: Vec<TargetSpec>,
+    /// Each target's series (same order as `targets`), carried across
+    /// reloads by target address; every endpoint of a target shares them.
+    pub target_metrics: Vec<Arc<TargetMetrics>>,
     pub algorithm: model::Balance,
     pub hash_key: Option<HashKey>,
     pub set: ArcSwap<EndpointSet>,
@@ -81,8 +85,20 @@ impl Upstream {
         active: Option<ActiveCheck>,
         previous: Option<&Upstream>,
     ) -> Upstream {
+        let target_metrics = targets
+            .iter()
+            .map(|t| {
+                previous
+                    .and_then(|p| {
+                        let i = p.targets.iter().position(|x| x.authority == t.authority)?;
+                        p.target_metrics.get(i).cloned()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
         let up = Upstream {
             name: spec.name.as_str().into(),
+            target_metrics,
             algorithm: spec.balance,
             resolve_interval: spec.resolve_interval.0,
             budget: RetryBudget::new(spec.retries.budget.ratio, spec.retries.budget.min_retries),
@@ -150,7 +166,8 @@ impl Upstream {
                         t.weight,
                         Pool::new(settings.0, settings.1, settings.2),
                     )
-                    .with_tls(t.tls.clone()),
+                    .with_tls(t.tls.clone())
+                    .with_metrics(self.target_metrics[*ti].clone()),
                 ),
             };
             if !endpoints
@@ -362,6 +379,25 @@ mod tests {
         );
         let (sa, sb) = (a.upstreams["up"].set.load(), b.upstreams["up"].set.load());
         assert!(!Arc::ptr_eq(&sa.endpoints[0], &sb.endpoints[0]));
+    }
+
+    #[test]
+    fn target_metrics_survive_a_changed_upstream() {
+        let a = snapshot(&cfg(&["127.0.0.1:1001", "127.0.0.1:1002"], ""), None);
+        let b = snapshot(
+            &cfg(
+                &["127.0.0.1:1001", "127.0.0.1:1003"],
+                "    pool: {max_idle: 3}\n",
+            ),
+            Some(&a),
+        );
+        let (ua, ub) = (&a.upstreams["up"], &b.upstreams["up"]);
+        assert!(Arc::ptr_eq(&ua.target_metrics[0], &ub.target_metrics[0]));
+        assert!(!Arc::ptr_eq(&ua.target_metrics[1], &ub.target_metrics[1]));
+        // New endpoints (pool settings changed) still share the target's series.
+        let sb = ub.set.load();
+        assert!(Arc::ptr_eq(&sb.endpoints[0].metrics, &ub.target_metrics[0]));
+        assert!(Arc::ptr_eq(&sb.endpoints[1].metrics, &ub.target_metrics[1]));
     }
 
     #[tokio::test]

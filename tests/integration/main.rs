@@ -30,6 +30,7 @@ mod hardening_http;
 mod http2;
 mod lifecycle;
 mod limits;
+mod observability;
 mod proxying;
 mod resilience;
 mod routing;

@@ -621,6 +621,17 @@ async fn failed_handshakes_are_counted_and_do_not_disturb_the_listener() {
         })
         .await
     );
+    // This gateway's own series (portico_tls_handshake_failures_total) counts it once.
+    let failures = || {
+        gw.running
+            .shared
+            .metrics
+            .listeners()
+            .iter()
+            .find(|(n, _)| &**n == "main")
+            .map_or(0, |(_, m)| m.tls_handshake_failures())
+    };
+    assert!(eventually(Duration::from_secs(10), || failures() == 1).await);
     let r = t::get(gw.addr(), "fail.test", "/", &[]).await;
     assert_eq!(r.status, 200);
 }

@@ -384,7 +384,10 @@ async fn sigusr2_upgrade_under_keep_alive_load_fails_no_request() {
     let dir = temp_dir("load");
     let path = dir.join("portico.yaml");
     let port = free_port();
-    std::fs::write(&path, config(port, up.addr, "v1", "")).unwrap();
+    // With an admin listener: its socket is handed over too.
+    let admin_port = free_port();
+    let admin = format!("admin: {{address: '127.0.0.1:{admin_port}'}}\n");
+    std::fs::write(&path, config(port, up.addr, "v1", &admin)).unwrap();
     let mut old = Portico::spawn(Path::new(env!("CARGO_BIN_EXE_portico")), &path, &[]);
     let base = format!("http://127.0.0.1:{port}");
     assert_eq!(
@@ -399,7 +402,7 @@ async fn sigusr2_upgrade_under_keep_alive_load_fails_no_request() {
     assert_eq!(load.connections.load(Ordering::SeqCst), 4, "kept alive");
 
     // The new process reads the changed file; the old one keeps `v1`.
-    std::fs::write(&path, config(port, up.addr, "v2", "")).unwrap();
+    std::fs::write(&path, config(port, up.addr, "v2", &admin)).unwrap();
     old.signal("USR2");
     let status = old.exited().await;
     assert!(status.success(), "old process: {status}\n{}", old.log());
@@ -438,6 +441,13 @@ async fn sigusr2_upgrade_under_keep_alive_load_fails_no_request() {
     }
     let log = old.log();
     assert!(log.contains("upgrade: using the inherited socket"), "{log}");
+    assert!(
+        log.contains("listener=(admin)"),
+        "the admin socket was handed over: {log}"
+    );
+    // The new process serves the admin API, ready.
+    let (status, _) = get(&format!("http://127.0.0.1:{admin_port}/readyz")).await;
+    assert_eq!(status, 200);
 
     // The new process drains and exits on SIGTERM like any other.
     signal(new_pid, "TERM");

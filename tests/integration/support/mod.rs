@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod h2;
 pub mod h2raw;
 pub mod live;
+pub mod metrics;
 pub mod tls;
 pub mod traffic;
 pub mod upstream;

@@ -1,0 +1,364 @@
+//! `/metrics`: walks the live snapshot (routes, upstreams, targets,
+//! endpoints) and the gateway's own series, and writes every family.
+//! Docs: docs/observability.md lists each family; keep them in step.
+
+use super::encode::{Encoder, Kind};
+use super::{GatewayMetrics, RouteMetrics, CONN_CLASSES, CONSUMERS, METHODS, STATUS_CLASSES};
+use crate::error::{ErrorKind, ErrorSource};
+use crate::snapshot::Snapshot;
+use std::sync::atomic::Ordering;
+
+/// Everything `render` reads.
+pub struct Scrape<'a> {
+    pub snapshot: &'a Snapshot,
+    pub gateway: &'a GatewayMetrics,
+    /// OpenMetrics instead of the Prometheus text format.
+    pub openmetrics: bool,
+}
+
+pub fn render(s: &Scrape) -> (String, &'static str) {
+    let mut e = Encoder::new(s.openmetrics);
+    let snap = s.snapshot;
+
+    e.family("portico_build", Kind::Info, "Portico's version.");
+    e.sample(
+        "portico_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1u64,
+    );
+
+    // ---- requests, by route
+    let mut routes: Vec<&RouteMetrics> = snap.routes.iter().map(|r| &*r.metrics).collect();
+    routes.push(&s.gateway.unmatched);
+
+    e.family(
+        "portico_requests",
+        Kind::Counter,
+        "Requests answered, by route, method, status class and consumer (counted when the response ends).",
+    );
+    for r in &routes {
+        for (ci, consumer) in CONSUMERS.iter().enumerate() {
+            for (mi, method) in METHODS.iter().enumerate() {
+                for (si, class) in STATUS_CLASSES.iter().enumerate() {
+                    let n = r.requests(ci, mi, si);
+                    if n > 0 {
+                        e.counter(
+                            "portico_requests",
+                            &[
+                                ("route", &r.name),
+                                ("method", method),
+                                ("status_class", class),
+                                ("consumer", consumer),
+                            ],
+                            n,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    e.family(
+        "portico_requests_cancelled",
+        Kind::Counter,
+        "Requests whose client went away before the response headers, by route.",
+    );
+    for r in &routes {
+        e.counter(
+            "portico_requests_cancelled",
+            &[("route", &r.name)],
+            r.cancelled(),
+        );
+    }
+    e.family(
+        "portico_request_duration_seconds",
+        Kind::Histogram,
+        "Time from the request's arrival to the end of its response body, by route.",
+    );
+    for r in &routes {
+        e.histogram(
+            "portico_request_duration_seconds",
+            &[("route", &r.name)],
+            &r.duration.snapshot(),
+        );
+    }
+    e.family(
+        "portico_request_body_bytes",
+        Kind::Counter,
+        "Request body bytes read from clients, by route.",
+    );
+    for r in &routes {
+        e.counter(
+            "portico_request_body_bytes",
+            &[("route", &r.name)],
+            r.bytes_in(),
+        );
+    }
+    e.family(
+        "portico_response_body_bytes",
+        Kind::Counter,
+        "Response body bytes sent to clients, by route.",
+    );
+    for r in &routes {
+        e.counter(
+            "portico_response_body_bytes",
+            &[("route", &r.name)],
+            r.bytes_out(),
+        );
+    }
+
+    // ---- gateway-made errors
+    e.family(
+        "portico_gateway_errors",
+        Kind::Counter,
+        "Error responses made by the gateway itself, by error code (the `code` of the JSON error body).",
+    );
+    for k in ErrorKind::ALL {
+        e.counter(
+            "portico_gateway_errors",
+            &[("code", k.code()), ("source", k.source().as_str())],
+            s.gateway.errors(k),
+        );
+    }
+
+    // ---- upstreams
+    let mut names: Vec<&String> = snap.upstreams.keys().collect();
+    names.sort();
+    e.family(
+        "portico_upstream_request_duration_seconds",
+        Kind::Histogram,
+        "Time from sending a request to a target to its response headers, per attempt.",
+    );
+    for name in &names {
+        let up = &snap.upstreams[*name];
+        for (t, m) in up.targets.iter().zip(up.target_metrics.iter()) {
+            e.histogram(
+                "portico_upstream_request_duration_seconds",
+                &[("upstream", name), ("target", &t.authority)],
+                &m.duration.snapshot(),
+            );
+        }
+    }
+    e.family(
+        "portico_upstream_errors",
+        Kind::Counter,
+        "Failed attempts to a target (connect failure, timeout, broken exchange), by error code.",
+    );
+    for name in &names {
+        let up = &snap.upstreams[*name];
+        for (t, m) in up.targets.iter().zip(up.target_metrics.iter()) {
+            for k in ErrorKind::ALL
+                .into_iter()
+                .filter(|k| k.source() == ErrorSource::Upstream)
+            {
+                e.counter(
+                    "portico_upstream_errors",
+                    &[
+                        ("upstream", name),
+                        ("target", &t.authority),
+                        ("code", k.code()),
+                    ],
+                    m.errors(k),
+                );
+            }
+        }
+    }
+    let endpoints: Vec<_> = names
+        .iter()
+        .map(|n| (n, snap.upstreams[*n].set.load_full()))
+        .collect();
+    e.family(
+        "portico_upstream_target_healthy",
+        Kind::Gauge,
+        "1 when the endpoint may be picked (active checks pass and not ejected), else 0.",
+    );
+    for (name, set) in &endpoints {
+        for ep in &set.endpoints {
+            let addr = ep.addr.to_string();
+            let ok = ep.health.is_available() as u64;
+            e.sample(
+                "portico_upstream_target_healthy",
+                &[
+                    ("upstream", name),
+                    ("target", &ep.target),
+                    ("address", &addr),
+                ],
+                ok,
+            );
+        }
+    }
+    e.family(
+        "portico_upstream_target_ejected",
+        Kind::Gauge,
+        "1 while outlier detection has ejected the endpoint, else 0.",
+    );
+    for (name, set) in &endpoints {
+        for ep in &set.endpoints {
+            let addr = ep.addr.to_string();
+            e.sample(
+                "portico_upstream_target_ejected",
+                &[
+                    ("upstream", name),
+                    ("target", &ep.target),
+                    ("address", &addr),
+                ],
+                ep.health.is_ejected() as u64,
+            );
+        }
+    }
+    e.family(
+        "portico_upstream_target_in_flight",
+        Kind::Gauge,
+        "Requests in flight to the endpoint (connection leased).",
+    );
+    for (name, set) in &endpoints {
+        for ep in &set.endpoints {
+            let addr = ep.addr.to_string();
+            e.sample(
+                "portico_upstream_target_in_flight",
+                &[
+                    ("upstream", name),
+                    ("target", &ep.target),
+                    ("address", &addr),
+                ],
+                ep.load.in_flight() as u64,
+            );
+        }
+    }
+
+    // ---- connections
+    let listeners = s.gateway.listeners();
+    let shown: Vec<_> = listeners
+        .iter()
+        .filter(|(n, m)| snap.listener(n).is_some() || m.open_total() > 0)
+        .collect();
+    e.family(
+        "portico_connections_open",
+        Kind::Gauge,
+        "Open client connections, by listener, protocol and TLS.",
+    );
+    for (n, m) in &shown {
+        for (i, (proto, tls)) in CONN_CLASSES.iter().enumerate() {
+            e.sample(
+                "portico_connections_open",
+                &[("listener", n), ("protocol", proto), ("tls", tls)],
+                m.open(i),
+            );
+        }
+    }
+    e.family(
+        "portico_connections",
+        Kind::Counter,
+        "Client connections served (after the TLS handshake), by listener, protocol and TLS.",
+    );
+    for (n, m) in &shown {
+        for (i, (proto, tls)) in CONN_CLASSES.iter().enumerate() {
+            e.counter(
+                "portico_connections",
+                &[("listener", n), ("protocol", proto), ("tls", tls)],
+                m.accepted(i),
+            );
+        }
+    }
+    e.family(
+        "portico_tls_handshake_failures",
+        Kind::Counter,
+        "TLS handshakes that failed or timed out, by listener.",
+    );
+    for (n, m) in &shown {
+        e.counter(
+            "portico_tls_handshake_failures",
+            &[("listener", n)],
+            m.tls_handshake_failures(),
+        );
+    }
+
+    // ---- configuration
+    let (ok, failed) = s.gateway.reloads();
+    e.family(
+        "portico_config_reloads",
+        Kind::Counter,
+        "Configuration reloads (SIGHUP, file change, admin POST /reload), by result.",
+    );
+    e.counter("portico_config_reloads", &[("result", "success")], ok);
+    e.counter("portico_config_reloads", &[("result", "failure")], failed);
+    e.family(
+        "portico_config_last_reload_successful",
+        Kind::Gauge,
+        "0 when the last reload was rejected (the previous configuration keeps serving), else 1.",
+    );
+    e.sample(
+        "portico_config_last_reload_successful",
+        &[],
+        s.gateway.last_reload_ok() as u64,
+    );
+    e.family(
+        "portico_config",
+        Kind::Info,
+        "The configuration in force: its hash (as /status shows it).",
+    );
+    let hash = format!("{:016x}", snap.hash);
+    e.sample("portico_config_info", &[("hash", &hash)], 1u64);
+    e.family(
+        "portico_config_loaded_timestamp_seconds",
+        Kind::Gauge,
+        "When the configuration in force was loaded (Unix time).",
+    );
+    let loaded = snap
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    e.sample("portico_config_loaded_timestamp_seconds", &[], loaded);
+
+    // ---- process
+    e.family(
+        "portico_tunnels_open",
+        Kind::Gauge,
+        "Upgraded connections (WebSocket) being relayed, in this process.",
+    );
+    e.sample(
+        "portico_tunnels_open",
+        &[],
+        crate::proxy::TUNNELS.load(Ordering::Relaxed) as u64,
+    );
+    if let Some(p) = super::process::read() {
+        e.family(
+            "process_cpu_seconds",
+            Kind::Counter,
+            "User and system CPU time spent, in seconds.",
+        );
+        e.sample("process_cpu_seconds_total", &[], p.cpu_seconds);
+        e.family(
+            "process_resident_memory_bytes",
+            Kind::Gauge,
+            "Resident memory size in bytes.",
+        );
+        e.sample("process_resident_memory_bytes", &[], p.resident_bytes);
+        e.family(
+            "process_virtual_memory_bytes",
+            Kind::Gauge,
+            "Virtual memory size in bytes.",
+        );
+        e.sample("process_virtual_memory_bytes", &[], p.virtual_bytes);
+        e.family("process_open_fds", Kind::Gauge, "Open file descriptors.");
+        e.sample("process_open_fds", &[], p.open_fds);
+        if let Some(max) = p.max_fds {
+            e.family(
+                "process_max_fds",
+                Kind::Gauge,
+                "Maximum number of open file descriptors (soft limit).",
+            );
+            e.sample("process_max_fds", &[], max);
+        }
+        e.family("process_threads", Kind::Gauge, "OS threads.");
+        e.sample("process_threads", &[], p.threads);
+        e.family(
+            "process_start_time_seconds",
+            Kind::Gauge,
+            "Start time of the process since the Unix epoch, in seconds.",
+        );
+        e.sample("process_start_time_seconds", &[], p.start_time_seconds);
+    }
+
+    let ct = e.content_type();
+    (e.finish(), ct)
+}
