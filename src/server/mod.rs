@@ -888,31 +888,38 @@ pub async fn serve_connection<I>(
         })
     });
     if h2 {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .max_concurrent_streams(spec.max_concurrent_streams)
-            .max_header_list_size(spec.max_header_bytes.min(u32::MAX as usize) as u32)
-            // Rapid reset (CVE-2023-44487): a client that keeps resetting
-            // streams it opened, or provoking resets, is sent GOAWAY.
-            .max_pending_accept_reset_streams(Some(spec.max_concurrent_streams as usize * 2))
-            .max_local_error_reset_streams(Some(1024));
-        let conn = b.serve_connection(TokioIo::new(io), svc);
-        return drive(conn, &ctx, &spec, &activity, false).await;
+        // Builders are scoped so they are not kept across the await, and
+        // the HTTP/2 connection (several KB of state) is boxed: only HTTP/2
+        // connections pay for it, not every connection task.
+        let conn = {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .max_concurrent_streams(spec.max_concurrent_streams)
+                .max_header_list_size(spec.max_header_bytes.min(u32::MAX as usize) as u32)
+                // Rapid reset (CVE-2023-44487): a client that keeps resetting
+                // streams it opened, or provoking resets, is sent GOAWAY.
+                .max_pending_accept_reset_streams(Some(spec.max_concurrent_streams as usize * 2))
+                .max_local_error_reset_streams(Some(1024));
+            b.serve_connection(TokioIo::new(io), svc)
+        };
+        return Box::pin(drive(conn, &ctx, &spec, &activity, false)).await;
     }
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    // The head deadline is StrictIo's (hyper's would also bound the idle
-    // wait between requests, and costs a timer per request).
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(spec.max_header_bytes)
-        .max_headers(spec.max_headers);
     let io = crate::strict::io::StrictIo::new(
         io,
         spec.max_header_bytes,
         spec.header_read_timeout,
         Some(activity.clone()),
     );
-    let conn = h1.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    let conn = {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        // The head deadline is StrictIo's (hyper's would also bound the idle
+        // wait between requests, and costs a timer per request).
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(spec.max_header_bytes)
+            .max_headers(spec.max_headers);
+        h1.serve_connection(TokioIo::new(io), svc).with_upgrades()
+    };
     drive(conn, &ctx, &spec, &activity, true).await
 }
 
