@@ -486,21 +486,21 @@ pub fn write_line(out: &mut Vec<u8>, fields: u32, o: &Outcome, e: &Entry, now: S
         w.key("status");
         let _ = write!(w.out, "{}", o.status);
     }
-    if let Some(up) = &o.upstream {
-        if fields & F_UPSTREAM != 0 {
+    if fields & F_UPSTREAM != 0 {
+        if let Some(up) = &o.upstream {
             w.key("upstream");
             let _ = write!(w.out, "\"{}\"", up.addr);
-        }
-        if fields & F_UPSTREAM_MS != 0 {
-            if let Some(t) = up.took {
-                w.key("upstream_ms");
-                ms(w.out, t);
-            }
         }
     }
     if fields & F_DURATION != 0 {
         w.key("duration_ms");
         ms(w.out, elapsed);
+    }
+    if fields & F_UPSTREAM_MS != 0 {
+        if let Some(t) = o.upstream.and_then(|u| u.took) {
+            w.key("upstream_ms");
+            ms(w.out, t);
+        }
     }
     if fields & F_BYTES_IN != 0 {
         w.key("bytes_in");
@@ -729,8 +729,8 @@ mod tests {
         let e = Entry {
             logger,
             method: Method::GET,
-            uri: Uri::from_static("/a%20b?q=\"x\""),
-            user_agent: Some(HeaderValue::from_bytes(b"ua\\\x7f\xff").unwrap()),
+            uri: Uri::from_static("/a%20b?q=1"),
+            user_agent: Some(HeaderValue::from_bytes(b"ua\\\"\t\xff").unwrap()),
             request_id: Some(HeaderValue::from_static("abc")),
             bytes_in: None,
             traceparent: None,
@@ -740,8 +740,8 @@ mod tests {
         assert_eq!(v.last(), Some(&b'\n'));
         let j: serde_json::Value = serde_json::from_slice(&v).unwrap();
         assert_eq!(j["route"], "r\"1");
-        assert_eq!(j["path"], "/a%20b?q=\"x\"");
-        assert_eq!(j["user_agent"], "ua\\\u{7f}\u{fffd}");
+        assert_eq!(j["path"], "/a%20b?q=1");
+        assert_eq!(j["user_agent"], "ua\\\"\t\u{fffd}");
         assert_eq!(j["error"], "upstream_unreachable");
         assert_eq!(j["trace_id"], "abababababababababababababababab");
         assert_eq!(j["status"], 502);
