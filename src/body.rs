@@ -109,12 +109,20 @@ pub struct ClientBody {
     /// The route whose `portico_request_body_bytes` counts this body (added
     /// once, when the body is dropped).
     tally: Option<Arc<crate::metrics::RouteMetrics>>,
+    /// The request's access-log byte count (set only when logging is on).
+    log_tally: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Drop for ClientBody {
     fn drop(&mut self) {
         if let Some(t) = &self.tally {
             t.add_bytes_in(self.limit - self.remaining);
+        }
+        if let Some(t) = &self.log_tally {
+            t.fetch_add(
+                self.limit - self.remaining,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
     }
 }
@@ -129,7 +137,14 @@ impl ClientBody {
             timer: None,
             done: None,
             tally: None,
+            log_tally: None,
         }
+    }
+
+    /// Also adds the bytes read to `n` (the access log's `bytes_in`).
+    pub fn count_also(mut self, n: Option<Arc<std::sync::atomic::AtomicU64>>) -> ClientBody {
+        self.log_tally = n;
+        self
     }
 
     /// Counts the bytes read into `route`'s request body bytes.

@@ -3,6 +3,7 @@
 // descriptors for the binary upgrade), which allows it for its few calls.
 #![deny(unsafe_code)]
 
+pub mod access_log;
 pub mod action;
 pub mod admin;
 pub mod body;

@@ -11,6 +11,8 @@
 //!
 //! Cost per request: the route's metrics handle (one `Arc` clone), one
 //! `Instant` pair and a few relaxed atomic additions; nothing is allocated.
+//! With an access log configured, `log` carries the request's
+//! `access_log::Entry` (one allocation) and finishing writes its line.
 
 use crate::body::Body;
 use crate::error::ErrorKind;
@@ -36,6 +38,25 @@ pub struct Outcome {
     pub error: Option<ErrorKind>,
     /// Response body bytes sent so far.
     pub bytes_out: u64,
+    /// The real client address, once known (after routing).
+    pub client_ip: Option<std::net::IpAddr>,
+    /// The last upstream attempt, set by the `proxy` action.
+    pub upstream: Option<Attempt>,
+    /// The W3C trace id of the request: from its `traceparent` header (read
+    /// when access logging is on), or set by tracing from its own context.
+    pub trace_id: Option<[u8; 16]>,
+    /// What the access log needs beyond this; `None` when it is off.
+    pub log: Option<Box<crate::access_log::Entry>>,
+}
+
+/// One attempt to reach an upstream endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    /// The endpoint's resolved address.
+    pub addr: std::net::SocketAddr,
+    /// From sending the request to the response headers (or the failure);
+    /// `None` when no connection was made.
+    pub took: Option<std::time::Duration>,
 }
 
 impl Outcome {
@@ -48,12 +69,19 @@ impl Outcome {
             status: 0,
             error: None,
             bytes_out: 0,
+            client_ip: None,
+            upstream: None,
+            trace_id: None,
+            log: None,
         }
     }
 }
 
 impl Drop for Outcome {
     fn drop(&mut self) {
+        if let Some(e) = &self.log {
+            e.logger.log(self, e);
+        }
         if self.status == 0 {
             self.route.record_cancelled();
             return;

@@ -102,6 +102,11 @@ pub struct Snapshot {
     /// Every compiled route once, in file order (listeners share them).
     pub routes: Vec<Arc<Route>>,
     pub admin: Option<AdminSpec>,
+    /// The compiled `access_log` key.
+    pub access_log: Option<crate::access_log::Spec>,
+    /// Its logger, attached by the server before the snapshot is published
+    /// (`None` straight out of `compile`, which does no I/O).
+    pub access_logger: Option<Arc<crate::access_log::Logger>>,
     pub config: model::Config,
 }
 
@@ -251,6 +256,10 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
 
     // ---- admin
     let admin = cfg.admin.as_ref().and_then(|a| compile_admin(&mut c, a));
+    let access_log = cfg
+        .access_log
+        .as_ref()
+        .and_then(|a| crate::access_log::compile(a, |p, m| c.err(p, m)));
 
     // ---- routes
     let mut routes: Vec<(usize, Arc<Route>, Pattern, Conditions)> = Vec::new();
@@ -328,6 +337,8 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         upstreams,
         routes: all_routes,
         admin,
+        access_log,
+        access_logger: None,
         config: cfg.clone(),
     })
 }

@@ -34,6 +34,28 @@ pub struct Config {
     /// The admin listener (metrics, status, reload); none when absent.
     #[serde(default)]
     pub admin: Option<Admin>,
+    /// JSON access log, one line per request; none when absent.
+    #[serde(default)]
+    pub access_log: Option<AccessLog>,
+}
+
+// ---------------------------------------------------------------- access log
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// A file (appended to; reopened on SIGUSR1) or `stdout`.
+    #[serde(default = "defaults::access_log_path")]
+    pub path: String,
+    /// Fields of each line, in a fixed order; all when absent.
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+    /// Share of successful requests logged (0 to 1); errors always are.
+    #[serde(default = "defaults::one")]
+    pub sample: f64,
+    /// Lines queued for the writer before new ones are dropped (counted).
+    #[serde(default = "defaults::access_log_buffer")]
+    pub buffer: usize,
 }
 
 // ---------------------------------------------------------------- admin
@@ -638,5 +660,17 @@ pub(crate) mod defaults {
     }
     pub fn admin_address() -> String {
         "127.0.0.1:9901".into()
+    }
+
+    pub fn access_log_path() -> String {
+        "stdout".into()
+    }
+
+    pub fn one() -> f64 {
+        1.0
+    }
+
+    pub fn access_log_buffer() -> usize {
+        10_000
     }
 }

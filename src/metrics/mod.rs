@@ -338,6 +338,8 @@ pub struct GatewayMetrics {
     last_reload_ok: AtomicBool,
     /// Touched when a listener starts and on scrape only.
     listeners: Mutex<Vec<(Arc<str>, Arc<ListenerMetrics>)>>,
+    /// Access-log lines written and dropped.
+    pub access_log: Arc<crate::access_log::Counters>,
 }
 
 impl Default for GatewayMetrics {
@@ -349,6 +351,7 @@ impl Default for GatewayMetrics {
             reloads_failed: AtomicU64::new(0),
             last_reload_ok: AtomicBool::new(true),
             listeners: Mutex::new(Vec::new()),
+            access_log: Arc::default(),
         }
     }
 }

@@ -309,6 +309,29 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
         .map_or(0.0, |d| d.as_secs_f64());
     e.sample("portico_config_loaded_timestamp_seconds", &[], loaded);
 
+    // ---- access log
+    let al = &s.gateway.access_log;
+    e.family(
+        "portico_access_log_lines",
+        Kind::Counter,
+        "Access-log lines written.",
+    );
+    e.counter(
+        "portico_access_log_lines",
+        &[],
+        al.lines.load(Ordering::Relaxed),
+    );
+    e.family(
+        "portico_access_log_dropped",
+        Kind::Counter,
+        "Access-log lines dropped because the buffer was full (or the write failed).",
+    );
+    e.counter(
+        "portico_access_log_dropped",
+        &[],
+        al.dropped.load(Ordering::Relaxed),
+    );
+
     // ---- process
     e.family(
         "portico_tunnels_open",

@@ -42,6 +42,8 @@ pub struct Ctx {
     pub original_uri: http::Uri,
     /// The client's Host header, for forwarded headers.
     pub host_header: Option<HeaderValue>,
+    /// The last upstream attempt (the `proxy` action), for the access log.
+    pub upstream: Option<crate::outcome::Attempt>,
 }
 
 impl Ctx {

@@ -18,6 +18,7 @@ pub mod rewrite;
 use crate::body::{Body, BodyDone, BodyError, ClientBody};
 use crate::config::model::Protocol;
 use crate::error::{ErrorKind, GatewayError};
+use crate::outcome::Attempt;
 use crate::policy::Ctx;
 use crate::rand::fast_u64;
 use crate::upstream::endpoint::Endpoint;
@@ -282,7 +283,8 @@ impl ProxyAction {
             (a, b) => a.or(b),
         };
         let deadline = limit.map(|d| tokio::time::Instant::now() + d);
-        let exchange = self.exchange(out, body, done, key, replayable, upgrade, deadline);
+        let last = &mut ctx.upstream;
+        let exchange = self.exchange(out, body, done, key, replayable, upgrade, last);
         let (resp, lease) = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
                 .await
@@ -306,7 +308,7 @@ impl ProxyAction {
         key: Option<u64>,
         replayable: bool,
         upgrade: bool,
-        _deadline: Option<tokio::time::Instant>,
+        last: &mut Option<Attempt>,
     ) -> Result<(Response<Incoming>, Lease), GatewayError> {
         let up = &*self.upstream;
         let mut excluded: Vec<usize> = Vec::new();
@@ -329,6 +331,10 @@ impl ProxyAction {
             let mut lease = match pool::checkout(&ep, self.timeouts.connect, upgrade).await {
                 Ok(l) => l,
                 Err(e) => {
+                    *last = Some(Attempt {
+                        addr: ep.addr,
+                        took: None,
+                    });
                     ep.health.record_failure(&up.outlier);
                     ep.metrics.error(e.kind());
                     if retry.on_connect_failure && can_retry(attempt) {
@@ -371,6 +377,10 @@ impl ProxyAction {
                 }
                 (None, _) => Some(sending.await),
             };
+            *last = Some(Attempt {
+                addr: ep.addr,
+                took: Some(started.elapsed()),
+            });
             // Each outcome says whether the retry policy wants another
             // attempt; whether one happens is decided once, below.
             let (wanted, outcome) = match waited {

@@ -92,6 +92,8 @@ pub struct Shared {
     /// Set once every listener is bound at start.
     ready: AtomicBool,
     pub metrics: GatewayMetrics,
+    /// The access log's sink and counters (see `crate::access_log`).
+    pub access_log: crate::access_log::Attach,
     pub started_at: SystemTime,
     started: Instant,
 }
@@ -155,7 +157,7 @@ impl Shared {
                 hash: loaded.hash,
             });
         }
-        let next = compile(&loaded, Some(&current)).map_err(ReloadError::Invalid)?;
+        let mut next = compile(&loaded, Some(&current)).map_err(ReloadError::Invalid)?;
 
         // Bind what is new or moved before anything changes.
         let mut fresh = Vec::new();
@@ -213,6 +215,12 @@ impl Shared {
                 t.start();
             }
         }
+        // Last before the swap: a new destination is opened now, so an
+        // unwritable one rejects the reload.
+        next.access_logger = self
+            .access_log
+            .logger(next.access_log.as_ref())
+            .map_err(|e| failed(e.to_string()))?;
         let keep: Vec<Arc<str>> = next.listeners.iter().map(|l| l.spec.name.clone()).collect();
         self.snapshot.store(Arc::new(next));
         {
@@ -425,12 +433,15 @@ pub async fn start(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io:
 /// upgrade) for listeners whose name and configured address match, instead
 /// of binding them; the inherited sockets no listener takes are closed.
 pub async fn start_with(
-    snapshot: Snapshot,
+    mut snapshot: Snapshot,
     config_path: Option<PathBuf>,
     inherited: &mut upgrade::Inherited,
 ) -> std::io::Result<Running> {
     let admin = snapshot.admin.as_ref().map(|a| a.addr);
     let (phase, _) = watch::channel(Phase::Serving);
+    let metrics = GatewayMetrics::default();
+    let access_log = crate::access_log::Attach::new(metrics.access_log.clone());
+    snapshot.access_logger = access_log.logger(snapshot.access_log.as_ref())?;
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         config_path,
@@ -441,7 +452,8 @@ pub async fn start_with(
         listeners: Mutex::new(HashMap::new()),
         admin: Mutex::new(None),
         ready: AtomicBool::new(false),
-        metrics: GatewayMetrics::default(),
+        metrics,
+        access_log,
         started_at: SystemTime::now(),
         started: Instant::now(),
     });
@@ -1117,6 +1129,7 @@ pub async fn serve_file(
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
     let running = start_with(snapshot, Some(path.to_path_buf()), &mut inherited)
         .await
         .map_err(|e| e.to_string())?;
@@ -1170,6 +1183,11 @@ pub async fn serve_file(
                         tracing::error!("upgrade failed, this process keeps serving: {e}");
                         notify::notify(&notify::status(&format!("upgrade failed: {e}")));
                     }
+                }
+            }
+            _ = usr1.recv() => {
+                if !running.shared.access_log.reopen() {
+                    tracing::info!("SIGUSR1: no access log file to reopen");
                 }
             }
             _ = term.recv() => break false,

@@ -16,6 +16,7 @@
 //! recorded when hyper is done with the body (see `crate::outcome`).
 
 use super::ConnCtx;
+use crate::access_log::Entry;
 use crate::body::{Body, ClientBody};
 use crate::error::{ErrorKind, GatewayError};
 use crate::outcome::{Observed, Outcome};
@@ -37,15 +38,37 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Observed
     // Set once a route matched; dropped unfinished (cancelled) if this
     // future is dropped before there is a response.
     let mut outcome: Option<Outcome> = None;
-    let (resp, error) = respond(conn, req, start, method, &mut outcome).await;
+    // Captured only when the access log is on; moves into the outcome.
+    let mut entry: Option<Box<Entry>> = None;
+    let (resp, error) = respond(conn, req, start, method, &mut outcome, &mut entry).await;
     let mut outcome = outcome
         .unwrap_or_else(|| Outcome::new(start, method, conn.shared.metrics.unmatched.clone()));
     if let Some(kind) = error {
         conn.shared.metrics.error(kind);
         outcome.error = Some(kind);
     }
+    if let Some(e) = entry.or_else(|| outcome.log.take()) {
+        outcome.log = Some(finish_entry(e, &mut outcome, conn, &resp));
+    }
     let status = resp.status().as_u16();
     resp.map(|b| Observed::new(b, outcome, status))
+}
+
+/// Completes the access-log entry from the response (out of line: only
+/// with an access log).
+#[inline(never)]
+fn finish_entry(
+    mut e: Box<Entry>,
+    outcome: &mut Outcome,
+    conn: &ConnCtx,
+    resp: &Response<Body>,
+) -> Box<Entry> {
+    e.request_id = resp.headers().get(&X_REQUEST_ID).cloned();
+    outcome.trace_id = outcome.trace_id.or(e.traceparent);
+    if outcome.client_ip.is_none() {
+        outcome.client_ip = Some(crate::net::canonical(conn.peer.ip()));
+    }
+    e
 }
 
 /// The gateway-made error response for `e`.
@@ -63,8 +86,12 @@ async fn respond(
     start: Instant,
     method: u8,
     outcome: &mut Option<Outcome>,
+    entry: &mut Option<Box<Entry>>,
 ) -> Answer {
     let snapshot = conn.shared.snapshot.load_full();
+    if let Some(logger) = &snapshot.access_logger {
+        *entry = Some(Entry::capture(logger, &req));
+    }
     // Gateway-made errors for gRPC calls are gRPC errors, not JSON.
     let grpc = crate::error::is_grpc(req.headers());
     let mut request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -128,7 +155,8 @@ async fn respond(
     };
     drop(host);
     let route = &lr.routes[matched.route];
-    *outcome = Some(Outcome::new(start, method, route.metrics.clone()));
+    let o = outcome.insert(Outcome::new(start, method, route.metrics.clone()));
+    o.log = entry.take();
 
     let peer_ip = conn.peer.ip();
     let peer_trusted = !lr.trusted.is_empty() && lr.trusted.contains(peer_ip);
@@ -137,6 +165,12 @@ async fn respond(
     } else {
         crate::net::canonical(peer_ip)
     };
+    o.client_ip = Some(client_ip);
+    let bytes_in = o.log.as_mut().map(|e| {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        e.bytes_in = Some(n.clone());
+        n
+    });
     let mut ctx = Ctx {
         request_id,
         peer: conn.peer,
@@ -148,6 +182,7 @@ async fn respond(
         captures: matched.captures,
         original_uri: req.uri().clone(),
         host_header,
+        upstream: None,
     };
     let body_limit = route.max_body_bytes.unwrap_or(lr.spec.max_body_bytes);
     if let Some(e) = declared_body_too_large(req.headers(), body_limit) {
@@ -161,7 +196,8 @@ async fn respond(
         req.map(|b| {
             Body::Client(Box::new(
                 ClientBody::new(b, body_limit, lr.spec.body_read_timeout)
-                    .count_into(route.metrics.clone()),
+                    .count_into(route.metrics.clone())
+                    .count_also(bytes_in),
             ))
         })
     };
@@ -186,6 +222,9 @@ async fn respond(
         Some(r) => r,
         None => route.action.run(req, &mut ctx).await,
     };
+    if let Some(o) = outcome.as_mut() {
+        o.upstream = ctx.upstream;
+    }
     let (mut resp, error) = match result {
         Ok(r) => (r, None),
         Err(e) => {

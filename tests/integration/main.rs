@@ -22,6 +22,7 @@ mod smoke {
     }
 }
 
+mod access_log;
 mod balancing;
 mod config_cli;
 mod grpc;
