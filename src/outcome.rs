@@ -7,10 +7,12 @@
 //! response body (sent, or the client went away), or when the request's
 //! future is dropped before any response existed (the client left first:
 //! counted as cancelled). Finishing records the route's metrics; it is the
-//! one place where later consumers (access log, tracing) hook in too.
+//! one place where later consumers (access log, tracing) hook in too: a
+//! sampled request's SERVER span (`trace::ServerSpan`) ends here.
 //!
 //! Cost per request: the route's metrics handle (one `Arc` clone), one
-//! `Instant` pair and a few relaxed atomic additions; nothing is allocated.
+//! `Instant` pair and a few relaxed atomic additions; nothing is allocated
+//! (a sampled span was allocated when the request began).
 
 use crate::body::Body;
 use crate::error::ErrorKind;
@@ -36,6 +38,10 @@ pub struct Outcome {
     pub error: Option<ErrorKind>,
     /// Response body bytes sent so far.
     pub bytes_out: u64,
+    /// The request's W3C trace id, when `tracing` is configured.
+    pub trace_id: Option<[u8; 16]>,
+    /// The SERVER span of a sampled request, ended with the outcome.
+    pub span: Option<Box<crate::trace::ServerSpan>>,
 }
 
 impl Outcome {
@@ -48,12 +54,17 @@ impl Outcome {
             status: 0,
             error: None,
             bytes_out: 0,
+            trace_id: None,
+            span: None,
         }
     }
 }
 
 impl Drop for Outcome {
     fn drop(&mut self) {
+        if let Some(span) = self.span.take() {
+            span.finish(self.status, self.error);
+        }
         if self.status == 0 {
             self.route.record_cancelled();
             return;

@@ -102,6 +102,8 @@ pub struct Snapshot {
     /// Every compiled route once, in file order (listeners share them).
     pub routes: Vec<Arc<Route>>,
     pub admin: Option<AdminSpec>,
+    /// `tracing`, when configured (kept across reloads that keep the key).
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
     pub config: model::Config,
 }
 
@@ -251,6 +253,10 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
 
     // ---- admin
     let admin = cfg.admin.as_ref().and_then(|a| compile_admin(&mut c, a));
+    let tracer = cfg
+        .tracing
+        .as_ref()
+        .and_then(|t| compile_tracing(&mut c, t, previous));
 
     // ---- routes
     let mut routes: Vec<(usize, Arc<Route>, Pattern, Conditions)> = Vec::new();
@@ -328,6 +334,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         upstreams,
         routes: all_routes,
         admin,
+        tracer,
         config: cfg.clone(),
     })
 }
@@ -365,6 +372,112 @@ fn compile_admin(c: &mut Compiler, a: &model::Admin) -> Option<AdminSpec> {
         addr,
         token_sha256: token.map(crate::admin::token_digest),
     })
+}
+
+/// `tracing`: the OTLP endpoint (plain `http://`), headers, ratio, batch.
+fn compile_tracing(
+    c: &mut Compiler,
+    t: &model::Tracing,
+    previous: Option<&Snapshot>,
+) -> Option<Arc<crate::trace::Tracer>> {
+    if let Some(p) = previous {
+        if p.config.tracing.as_ref() == Some(t) {
+            if let Some(tracer) = &p.tracer {
+                return Some(tracer.clone());
+            }
+        }
+    }
+    let before = c.errors.len();
+    let ep = t.otlp.endpoint.trim();
+    let mut endpoint = None;
+    match ep.parse::<http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("https") => c.err(
+            "tracing.otlp.endpoint",
+            format!("`{ep}`: https is not supported for span export; send to a collector over http (e.g. a local OpenTelemetry Collector)"),
+        ),
+        Ok(u) if u.scheme_str() != Some("http") || u.host().is_none() => c.err(
+            "tracing.otlp.endpoint",
+            format!("`{ep}` is not an `http://host:port/path` URL"),
+        ),
+        Ok(u) if u.query().is_some() || u.authority().is_some_and(|a| a.as_str().contains('@')) => c.err(
+            "tracing.otlp.endpoint",
+            format!("`{ep}`: no query or user info allowed (headers go in `tracing.otlp.headers`)"),
+        ),
+        Ok(u) => endpoint = Some(u),
+        Err(e) => c.err(
+            "tracing.otlp.endpoint",
+            format!("`{ep}` is not a URL: {e}"),
+        ),
+    }
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &t.otlp.headers {
+        let p = format!("tracing.otlp.headers.{k}");
+        match (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            (Ok(n), Ok(mut v)) => {
+                v.set_sensitive(true);
+                headers.insert(n, v);
+            }
+            (Err(_), _) => c.err(p, format!("`{k}` is not a valid header name")),
+            (_, Err(_)) => c.err(p, "not a valid header value (control characters?)"),
+        }
+    }
+    if t.otlp.timeout.0.is_zero() {
+        c.err("tracing.otlp.timeout", "must be more than 0");
+    }
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        c.err(
+            "tracing.sample_ratio",
+            format!("{} is not between 0.0 and 1.0", t.sample_ratio),
+        );
+    }
+    if t.service_name.trim().is_empty() {
+        c.err("tracing.service_name", "must not be empty");
+    }
+    if t.batch.max_spans == 0 {
+        c.err("tracing.batch.max_spans", "must be at least 1");
+    }
+    if t.batch.queue < t.batch.max_spans {
+        c.err(
+            "tracing.batch.queue",
+            format!(
+                "must be at least `max_spans` ({}), else no batch could fill",
+                t.batch.max_spans
+            ),
+        );
+    }
+    if t.batch.interval.0.is_zero() {
+        c.err("tracing.batch.interval", "must be more than 0");
+    }
+    let endpoint = endpoint?;
+    if c.errors.len() > before {
+        return None;
+    }
+    let authority = endpoint.authority()?;
+    let authority = match authority.port_u16() {
+        Some(_) => authority.to_string(),
+        None => format!("{}:80", authority.as_str()),
+    };
+    let endpoint = match endpoint.path() {
+        "" | "/" => format!("http://{authority}/v1/traces").parse().ok()?,
+        _ => endpoint,
+    };
+    Some(Arc::new(crate::trace::Tracer::new(
+        crate::trace::TracingSpec {
+            authority,
+            endpoint,
+            headers,
+            timeout: t.otlp.timeout.0,
+            sample_ratio: t.sample_ratio,
+            parent_based: t.parent_based,
+            service_name: t.service_name.clone(),
+            max_spans: t.batch.max_spans,
+            interval: t.batch.interval.0,
+            queue: t.batch.queue,
+        },
+    )))
 }
 
 fn opt_dur(d: Option<crate::config::units::Dur>, default: Option<Duration>) -> Option<Duration> {

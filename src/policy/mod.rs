@@ -42,6 +42,8 @@ pub struct Ctx {
     pub original_uri: http::Uri,
     /// The client's Host header, for forwarded headers.
     pub host_header: Option<HeaderValue>,
+    /// The request's trace, when `tracing` is configured.
+    pub trace: Option<crate::trace::TraceCtx>,
 }
 
 impl Ctx {

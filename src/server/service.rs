@@ -37,15 +37,26 @@ pub async fn handle(conn: &ConnCtx, req: Request<Incoming>) -> Response<Observed
     // Set once a route matched; dropped unfinished (cancelled) if this
     // future is dropped before there is a response.
     let mut outcome: Option<Outcome> = None;
-    let (resp, error) = respond(conn, req, start, method, &mut outcome).await;
+    // A sampled request's SERVER span (`crate::trace`).
+    let mut trace = Traced::default();
+    let (resp, error) = respond(conn, req, start, method, &mut outcome, &mut trace).await;
     let mut outcome = outcome
         .unwrap_or_else(|| Outcome::new(start, method, conn.shared.metrics.unmatched.clone()));
+    outcome.trace_id = trace.trace_id;
+    outcome.span = trace.span;
     if let Some(kind) = error {
         conn.shared.metrics.error(kind);
         outcome.error = Some(kind);
     }
     let status = resp.status().as_u16();
     resp.map(|b| Observed::new(b, outcome, status))
+}
+
+/// What `respond` learnt of the request's trace.
+#[derive(Default)]
+struct Traced {
+    trace_id: Option<[u8; 16]>,
+    span: Option<Box<crate::trace::ServerSpan>>,
 }
 
 /// The gateway-made error response for `e`.
@@ -63,6 +74,7 @@ async fn respond(
     start: Instant,
     method: u8,
     outcome: &mut Option<Outcome>,
+    traced: &mut Traced,
 ) -> Answer {
     let snapshot = conn.shared.snapshot.load_full();
     // Gateway-made errors for gRPC calls are gRPC errors, not JSON.
@@ -86,6 +98,14 @@ async fn respond(
         );
         return fail(e, request_id, grpc);
     }
+    // Tracing: continue or start the trace (not configured: nothing, and
+    // the client's `traceparent` goes upstream untouched).
+    let trace = snapshot.tracer.as_ref().map(|t| {
+        let (ctx, span) = t.begin(&mut req, conn.peer, conn.tls, &request_id);
+        traced.trace_id = Some(ctx.trace_id);
+        traced.span = span;
+        ctx
+    });
     // After the length check, so the limit applies to the target as sent.
     if let Err(e) = harden(&mut req) {
         return fail(e, request_id, grpc);
@@ -129,6 +149,9 @@ async fn respond(
     drop(host);
     let route = &lr.routes[matched.route];
     *outcome = Some(Outcome::new(start, method, route.metrics.clone()));
+    if let Some(span) = &mut traced.span {
+        span.set_route(route.name.clone());
+    }
 
     let peer_ip = conn.peer.ip();
     let peer_trusted = !lr.trusted.is_empty() && lr.trusted.contains(peer_ip);
@@ -137,6 +160,9 @@ async fn respond(
     } else {
         crate::net::canonical(peer_ip)
     };
+    if let Some(span) = &mut traced.span {
+        span.set_client(client_ip);
+    }
     let mut ctx = Ctx {
         request_id,
         peer: conn.peer,
@@ -148,6 +174,7 @@ async fn respond(
         captures: matched.captures,
         original_uri: req.uri().clone(),
         host_header,
+        trace,
     };
     let body_limit = route.max_body_bytes.unwrap_or(lr.spec.max_body_bytes);
     if let Some(e) = declared_body_too_large(req.headers(), body_limit) {
