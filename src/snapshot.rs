@@ -1186,6 +1186,94 @@ mod tests {
     const BASE: &str = "listeners:\n  - name: main\n    address: 127.0.0.1:0\nupstreams:\n  - name: up\n    targets: [{address: '127.0.0.1:1'}]\n";
 
     #[test]
+    fn tracing_errors_name_their_key() {
+        let e = |t: &str| errors(&format!("{BASE}tracing:\n{t}"));
+        let one = |t: &str, path: &str, msg: &str| {
+            let got = e(t);
+            assert_eq!(got.len(), 1, "{t}: {got:?}");
+            assert_eq!(got[0].path, path, "{t}");
+            assert!(got[0].message.contains(msg), "{t}: {}", got[0].message);
+        };
+        let ok = "  otlp: {endpoint: 'http://127.0.0.1:4318'}\n";
+        assert!(e(ok).is_empty());
+        one(
+            "  otlp: {endpoint: 'https://collector:4318/v1/traces'}\n",
+            "tracing.otlp.endpoint",
+            "https is not supported",
+        );
+        one(
+            "  otlp: {endpoint: 'collector:4318'}\n",
+            "tracing.otlp.endpoint",
+            "not an `http://host:port/path` URL",
+        );
+        one(
+            "  otlp: {endpoint: 'http://c:4318/v1/traces?k=1'}\n",
+            "tracing.otlp.endpoint",
+            "no query",
+        );
+        one(
+            "  otlp: {endpoint: 'http://c:4318', headers: {'bad name': x}}\n",
+            "tracing.otlp.headers.bad name",
+            "not a valid header name",
+        );
+        one(
+            "  otlp: {endpoint: 'http://c:4318', timeout: 0s}\n",
+            "tracing.otlp.timeout",
+            "more than 0",
+        );
+        one(
+            &format!("{ok}  sample_ratio: 1.5\n"),
+            "tracing.sample_ratio",
+            "between 0.0 and 1.0",
+        );
+        one(
+            &format!("{ok}  service_name: ' '\n"),
+            "tracing.service_name",
+            "must not be empty",
+        );
+        one(
+            &format!("{ok}  batch: {{max_spans: 0}}\n"),
+            "tracing.batch.max_spans",
+            "at least 1",
+        );
+        one(
+            &format!("{ok}  batch: {{max_spans: 100, queue: 10}}\n"),
+            "tracing.batch.queue",
+            "at least `max_spans` (100)",
+        );
+        one(
+            &format!("{ok}  batch: {{interval: 0s}}\n"),
+            "tracing.batch.interval",
+            "more than 0",
+        );
+        // Unknown keys and a missing exporter are parse errors.
+        for bad in [
+            "  otlp: {endpoint: 'http://c:1'}\n  ratio: 1\n",
+            "  sample_ratio: 1\n",
+        ] {
+            let loaded = parse_str("t.yaml", &format!("{BASE}tracing:\n{bad}"), |_| None);
+            assert!(loaded.is_err(), "{bad}");
+        }
+        // The endpoint's defaults: port 80, path /v1/traces.
+        let loaded = parse_str(
+            "t.yaml",
+            &format!("{BASE}tracing:\n  otlp: {{endpoint: 'http://collector'}}\n"),
+            |_| None,
+        )
+        .unwrap();
+        let snap = compile(&loaded, None).unwrap();
+        let spec = &snap.tracer.as_ref().unwrap().spec;
+        assert_eq!(spec.authority, "collector:80");
+        assert_eq!(spec.endpoint, "http://collector:80/v1/traces");
+        // A reload with the same key keeps the tracer (its queue).
+        let again = compile(&loaded, Some(&snap)).unwrap();
+        assert!(Arc::ptr_eq(
+            snap.tracer.as_ref().unwrap(),
+            again.tracer.as_ref().unwrap()
+        ));
+    }
+
+    #[test]
     fn route_level_retry_budget_is_rejected() {
         let e = errors(&format!(
             "{BASE}routes:\n  - name: r\n    action:\n      proxy:\n        upstream: up\n        retries: {{attempts: 1, budget: {{ratio: 0.5}}}}\n"

@@ -36,5 +36,6 @@ mod resilience;
 mod routing;
 mod streaming;
 mod tls;
+mod tracing;
 mod upgrade;
 mod upgrades;
