@@ -115,8 +115,11 @@ impl Collector {
 /// `statuses[i]` to its i-th request (the last one after that).
 struct Recorder {
     up: upstream::TestUpstream,
-    seen: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
+
+/// `traceparent` and `tracestate` as an upstream received them.
+type Seen = (Option<String>, Option<String>);
 
 async fn recorder(statuses: &'static [u16], counter: Arc<AtomicUsize>) -> Recorder {
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -139,7 +142,7 @@ async fn recorder(statuses: &'static [u16], counter: Arc<AtomicUsize>) -> Record
 }
 
 impl Recorder {
-    fn seen(&self) -> Vec<(Option<String>, Option<String>)> {
+    fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 }
