@@ -22,6 +22,7 @@ pub mod server;
 pub mod snapshot;
 pub mod strict;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 
 /// Loads and compiles a config file: what `portico validate` runs.

@@ -7,12 +7,14 @@
 //! response body (sent, or the client went away), or when the request's
 //! future is dropped before any response existed (the client left first:
 //! counted as cancelled). Finishing records the route's metrics; it is the
-//! one place where later consumers (access log, tracing) hook in too.
+//! one place where later consumers (access log, tracing) hook in too: a
+//! sampled request's SERVER span (`trace::ServerSpan`) ends here.
 //!
 //! Cost per request: the route's metrics handle (one `Arc` clone), one
-//! `Instant` pair and a few relaxed atomic additions; nothing is allocated.
-//! With an access log configured, `log` carries the request's
-//! `access_log::Entry` (one allocation) and finishing writes its line.
+//! `Instant` pair and a few relaxed atomic additions; nothing is allocated
+//! (a sampled span was allocated when the request began). With an access
+//! log configured, `log` carries the request's `access_log::Entry` (one
+//! allocation) and finishing writes its line.
 
 use crate::body::Body;
 use crate::error::ErrorKind;
@@ -47,6 +49,8 @@ pub struct Outcome {
     pub trace_id: Option<[u8; 16]>,
     /// What the access log needs beyond this; `None` when it is off.
     pub log: Option<Box<crate::access_log::Entry>>,
+    /// The SERVER span of a sampled request, ended with the outcome.
+    pub span: Option<Box<crate::trace::ServerSpan>>,
 }
 
 /// One attempt to reach an upstream endpoint.
@@ -73,12 +77,16 @@ impl Outcome {
             upstream: None,
             trace_id: None,
             log: None,
+            span: None,
         }
     }
 }
 
 impl Drop for Outcome {
     fn drop(&mut self) {
+        if let Some(span) = self.span.take() {
+            span.finish(self.status, self.error);
+        }
         if let Some(e) = &self.log {
             e.logger.log(self, e);
         }

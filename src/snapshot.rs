@@ -107,6 +107,8 @@ pub struct Snapshot {
     /// Its logger, attached by the server before the snapshot is published
     /// (`None` straight out of `compile`, which does no I/O).
     pub access_logger: Option<Arc<crate::access_log::Logger>>,
+    /// `tracing`, when configured (kept across reloads that keep the key).
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
     pub config: model::Config,
 }
 
@@ -260,6 +262,10 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         .access_log
         .as_ref()
         .and_then(|a| crate::access_log::compile(a, |p, m| c.err(p, m)));
+    let tracer = cfg
+        .tracing
+        .as_ref()
+        .and_then(|t| compile_tracing(&mut c, t, previous));
 
     // ---- routes
     let mut routes: Vec<(usize, Arc<Route>, Pattern, Conditions)> = Vec::new();
@@ -339,6 +345,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         admin,
         access_log,
         access_logger: None,
+        tracer,
         config: cfg.clone(),
     })
 }
@@ -376,6 +383,112 @@ fn compile_admin(c: &mut Compiler, a: &model::Admin) -> Option<AdminSpec> {
         addr,
         token_sha256: token.map(crate::admin::token_digest),
     })
+}
+
+/// `tracing`: the OTLP endpoint (plain `http://`), headers, ratio, batch.
+fn compile_tracing(
+    c: &mut Compiler,
+    t: &model::Tracing,
+    previous: Option<&Snapshot>,
+) -> Option<Arc<crate::trace::Tracer>> {
+    if let Some(p) = previous {
+        if p.config.tracing.as_ref() == Some(t) {
+            if let Some(tracer) = &p.tracer {
+                return Some(tracer.clone());
+            }
+        }
+    }
+    let before = c.errors.len();
+    let ep = t.otlp.endpoint.trim();
+    let mut endpoint = None;
+    match ep.parse::<http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("https") => c.err(
+            "tracing.otlp.endpoint",
+            format!("`{ep}`: https is not supported for span export; send to a collector over http (e.g. a local OpenTelemetry Collector)"),
+        ),
+        Ok(u) if u.scheme_str() != Some("http") || u.host().is_none() => c.err(
+            "tracing.otlp.endpoint",
+            format!("`{ep}` is not an `http://host:port/path` URL"),
+        ),
+        Ok(u) if u.query().is_some() || u.authority().is_some_and(|a| a.as_str().contains('@')) => c.err(
+            "tracing.otlp.endpoint",
+            format!("`{ep}`: no query or user info allowed (headers go in `tracing.otlp.headers`)"),
+        ),
+        Ok(u) => endpoint = Some(u),
+        Err(e) => c.err(
+            "tracing.otlp.endpoint",
+            format!("`{ep}` is not a URL: {e}"),
+        ),
+    }
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &t.otlp.headers {
+        let p = format!("tracing.otlp.headers.{k}");
+        match (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            (Ok(n), Ok(mut v)) => {
+                v.set_sensitive(true);
+                headers.insert(n, v);
+            }
+            (Err(_), _) => c.err(p, format!("`{k}` is not a valid header name")),
+            (_, Err(_)) => c.err(p, "not a valid header value (control characters?)"),
+        }
+    }
+    if t.otlp.timeout.0.is_zero() {
+        c.err("tracing.otlp.timeout", "must be more than 0");
+    }
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        c.err(
+            "tracing.sample_ratio",
+            format!("{} is not between 0.0 and 1.0", t.sample_ratio),
+        );
+    }
+    if t.service_name.trim().is_empty() {
+        c.err("tracing.service_name", "must not be empty");
+    }
+    if t.batch.max_spans == 0 {
+        c.err("tracing.batch.max_spans", "must be at least 1");
+    }
+    if t.batch.queue < t.batch.max_spans {
+        c.err(
+            "tracing.batch.queue",
+            format!(
+                "must be at least `max_spans` ({}), else no batch could fill",
+                t.batch.max_spans
+            ),
+        );
+    }
+    if t.batch.interval.0.is_zero() {
+        c.err("tracing.batch.interval", "must be more than 0");
+    }
+    let endpoint = endpoint?;
+    if c.errors.len() > before {
+        return None;
+    }
+    let authority = endpoint.authority()?;
+    let authority = match authority.port_u16() {
+        Some(_) => authority.to_string(),
+        None => format!("{}:80", authority.as_str()),
+    };
+    let endpoint = match endpoint.path() {
+        "" | "/" => format!("http://{authority}/v1/traces").parse().ok()?,
+        _ => endpoint,
+    };
+    Some(Arc::new(crate::trace::Tracer::new(
+        crate::trace::TracingSpec {
+            authority,
+            endpoint,
+            headers,
+            timeout: t.otlp.timeout.0,
+            sample_ratio: t.sample_ratio,
+            parent_based: t.parent_based,
+            service_name: t.service_name.clone(),
+            max_spans: t.batch.max_spans,
+            interval: t.batch.interval.0,
+            queue: t.batch.queue,
+        },
+    )))
 }
 
 fn opt_dur(d: Option<crate::config::units::Dur>, default: Option<Duration>) -> Option<Duration> {
@@ -1082,6 +1195,94 @@ mod tests {
     }
 
     const BASE: &str = "listeners:\n  - name: main\n    address: 127.0.0.1:0\nupstreams:\n  - name: up\n    targets: [{address: '127.0.0.1:1'}]\n";
+
+    #[test]
+    fn tracing_errors_name_their_key() {
+        let e = |t: &str| errors(&format!("{BASE}tracing:\n{t}"));
+        let one = |t: &str, path: &str, msg: &str| {
+            let got = e(t);
+            assert_eq!(got.len(), 1, "{t}: {got:?}");
+            assert_eq!(got[0].path, path, "{t}");
+            assert!(got[0].message.contains(msg), "{t}: {}", got[0].message);
+        };
+        let ok = "  otlp: {endpoint: 'http://127.0.0.1:4318'}\n";
+        assert!(e(ok).is_empty());
+        one(
+            "  otlp: {endpoint: 'https://collector:4318/v1/traces'}\n",
+            "tracing.otlp.endpoint",
+            "https is not supported",
+        );
+        one(
+            "  otlp: {endpoint: 'collector:4318'}\n",
+            "tracing.otlp.endpoint",
+            "not an `http://host:port/path` URL",
+        );
+        one(
+            "  otlp: {endpoint: 'http://c:4318/v1/traces?k=1'}\n",
+            "tracing.otlp.endpoint",
+            "no query",
+        );
+        one(
+            "  otlp: {endpoint: 'http://c:4318', headers: {'bad name': x}}\n",
+            "tracing.otlp.headers.bad name",
+            "not a valid header name",
+        );
+        one(
+            "  otlp: {endpoint: 'http://c:4318', timeout: 0s}\n",
+            "tracing.otlp.timeout",
+            "more than 0",
+        );
+        one(
+            &format!("{ok}  sample_ratio: 1.5\n"),
+            "tracing.sample_ratio",
+            "between 0.0 and 1.0",
+        );
+        one(
+            &format!("{ok}  service_name: ' '\n"),
+            "tracing.service_name",
+            "must not be empty",
+        );
+        one(
+            &format!("{ok}  batch: {{max_spans: 0}}\n"),
+            "tracing.batch.max_spans",
+            "at least 1",
+        );
+        one(
+            &format!("{ok}  batch: {{max_spans: 100, queue: 10}}\n"),
+            "tracing.batch.queue",
+            "at least `max_spans` (100)",
+        );
+        one(
+            &format!("{ok}  batch: {{interval: 0s}}\n"),
+            "tracing.batch.interval",
+            "more than 0",
+        );
+        // Unknown keys and a missing exporter are parse errors.
+        for bad in [
+            "  otlp: {endpoint: 'http://c:1'}\n  ratio: 1\n",
+            "  sample_ratio: 1\n",
+        ] {
+            let loaded = parse_str("t.yaml", &format!("{BASE}tracing:\n{bad}"), |_| None);
+            assert!(loaded.is_err(), "{bad}");
+        }
+        // The endpoint's defaults: port 80, path /v1/traces.
+        let loaded = parse_str(
+            "t.yaml",
+            &format!("{BASE}tracing:\n  otlp: {{endpoint: 'http://collector'}}\n"),
+            |_| None,
+        )
+        .unwrap();
+        let snap = compile(&loaded, None).unwrap();
+        let spec = &snap.tracer.as_ref().unwrap().spec;
+        assert_eq!(spec.authority, "collector:80");
+        assert_eq!(spec.endpoint, "http://collector:80/v1/traces");
+        // A reload with the same key keeps the tracer (its queue).
+        let again = compile(&loaded, Some(&snap)).unwrap();
+        assert!(Arc::ptr_eq(
+            snap.tracer.as_ref().unwrap(),
+            again.tracer.as_ref().unwrap()
+        ));
+    }
 
     #[test]
     fn route_level_retry_budget_is_rejected() {

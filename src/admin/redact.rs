@@ -1,7 +1,8 @@
 //! Secret redaction for `/config` and `/routes`: the value of any key whose
 //! name suggests a secret is replaced by `"<redacted>"`, and so are the
 //! `exact`/`regex` values of a header or query match whose `name` does.
-//! Paths to TLS keys and certificates are shown (they are paths, not
+//! Every value of `tracing.otlp.headers` is redacted (collector API keys
+//! have arbitrary header names). Paths to TLS keys and certificates are shown (they are paths, not
 //! secrets); the files' contents are never read here.
 
 use serde_json::Value;
@@ -37,6 +38,14 @@ pub fn redact(v: &mut Value) {
                 .get("name")
                 .and_then(Value::as_str)
                 .is_some_and(is_secret_name);
+            // `tracing.otlp.headers`: collector credentials, whatever the name.
+            if let Some(Value::Object(h)) = map
+                .get_mut("otlp")
+                .and_then(|o| o.as_object_mut())
+                .and_then(|o| o.get_mut("headers"))
+            {
+                h.values_mut().for_each(|v| *v = Value::from(REDACTED));
+            }
             for (k, val) in map.iter_mut() {
                 let hide =
                     is_secret_name(k) || (secret_match && matches!(k.as_str(), "exact" | "regex"));

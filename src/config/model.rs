@@ -37,6 +37,9 @@ pub struct Config {
     /// JSON access log, one line per request; none when absent.
     #[serde(default)]
     pub access_log: Option<AccessLog>,
+    /// OpenTelemetry tracing (W3C propagation, OTLP export); off when absent.
+    #[serde(default)]
+    pub tracing: Option<Tracing>,
 }
 
 // ---------------------------------------------------------------- access log
@@ -56,6 +59,61 @@ pub struct AccessLog {
     /// Lines queued for the writer before new ones are dropped (counted).
     #[serde(default = "defaults::access_log_buffer")]
     pub buffer: usize,
+}
+
+// ---------------------------------------------------------------- tracing
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// Where spans are exported (OTLP over HTTP, protobuf).
+    pub otlp: Otlp,
+    /// The share of new traces (no sampled/unsampled parent to follow) that
+    /// are recorded, 0.0–1.0.
+    #[serde(default = "defaults::sample_ratio")]
+    pub sample_ratio: f64,
+    /// Follow the incoming `traceparent`'s sampled flag when there is one.
+    #[serde(default = "defaults::yes")]
+    pub parent_based: bool,
+    /// The `service.name` resource attribute.
+    #[serde(default = "defaults::service_name")]
+    pub service_name: String,
+    #[serde(default)]
+    pub batch: TracingBatch,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Otlp {
+    /// `http://host:port/path`; `/v1/traces` when the path is empty.
+    pub endpoint: String,
+    /// Extra request headers (e.g. an API key for a hosted collector).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Connect + export request timeout.
+    #[serde(default = "defaults::otlp_timeout")]
+    pub timeout: Dur,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingBatch {
+    /// Spans per export request (an export is sent as soon as this many wait).
+    pub max_spans: usize,
+    /// Export what is waiting at least this often.
+    pub interval: Dur,
+    /// Spans waiting for export at most; more are dropped (and counted).
+    pub queue: usize,
+}
+
+impl Default for TracingBatch {
+    fn default() -> Self {
+        TracingBatch {
+            max_spans: 512,
+            interval: Dur(Duration::from_secs(1)),
+            queue: 8192,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- admin
@@ -618,6 +676,15 @@ pub(crate) mod defaults {
     }
     pub fn max_concurrent_streams() -> u32 {
         100
+    }
+    pub fn sample_ratio() -> f64 {
+        1.0
+    }
+    pub fn service_name() -> String {
+        "portico".into()
+    }
+    pub fn otlp_timeout() -> Dur {
+        Dur(Duration::from_secs(5))
     }
     pub fn drain_timeout() -> Dur {
         Dur(Duration::from_secs(10))

@@ -272,6 +272,46 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
         );
     }
 
+    // ---- tracing
+    use crate::trace::{
+        EXPORT_FAILURES, SPANS_DROPPED_EXPORT, SPANS_DROPPED_QUEUE, SPANS_EXPORTED,
+    };
+    e.family(
+        "portico_tracing_spans_exported",
+        Kind::Counter,
+        "Spans the OTLP collector accepted.",
+    );
+    e.counter(
+        "portico_tracing_spans_exported",
+        &[],
+        SPANS_EXPORTED.load(Ordering::Relaxed),
+    );
+    e.family(
+        "portico_tracing_spans_dropped",
+        Kind::Counter,
+        "Spans not exported, by reason: queue_full (the export queue was full), export_failed (lost with a failed export request).",
+    );
+    e.counter(
+        "portico_tracing_spans_dropped",
+        &[("reason", "queue_full")],
+        SPANS_DROPPED_QUEUE.load(Ordering::Relaxed),
+    );
+    e.counter(
+        "portico_tracing_spans_dropped",
+        &[("reason", "export_failed")],
+        SPANS_DROPPED_EXPORT.load(Ordering::Relaxed),
+    );
+    e.family(
+        "portico_tracing_export_failures",
+        Kind::Counter,
+        "OTLP export requests that failed (connection, timeout, non-2xx answer).",
+    );
+    e.counter(
+        "portico_tracing_export_failures",
+        &[],
+        EXPORT_FAILURES.load(Ordering::Relaxed),
+    );
+
     // ---- configuration
     let (ok, failed) = s.gateway.reloads();
     e.family(

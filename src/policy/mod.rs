@@ -44,6 +44,8 @@ pub struct Ctx {
     pub host_header: Option<HeaderValue>,
     /// The last upstream attempt (the `proxy` action), for the access log.
     pub upstream: Option<crate::outcome::Attempt>,
+    /// The request's trace, when `tracing` is configured.
+    pub trace: Option<crate::trace::TraceCtx>,
 }
 
 impl Ctx {

@@ -283,8 +283,9 @@ impl ProxyAction {
             (a, b) => a.or(b),
         };
         let deadline = limit.map(|d| tokio::time::Instant::now() + d);
+        let trace = ctx.trace.as_ref();
         let last = &mut ctx.upstream;
-        let exchange = self.exchange(out, body, done, key, replayable, upgrade, last);
+        let exchange = self.exchange(out, body, done, key, replayable, upgrade, last, trace);
         let (resp, lease) = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
                 .await
@@ -309,6 +310,7 @@ impl ProxyAction {
         replayable: bool,
         upgrade: bool,
         last: &mut Option<Attempt>,
+        trace: Option<&crate::trace::TraceCtx>,
     ) -> Result<(Response<Incoming>, Lease), GatewayError> {
         let up = &*self.upstream;
         let mut excluded: Vec<usize> = Vec::new();
@@ -327,6 +329,20 @@ impl ProxyAction {
                 };
                 (i, set.endpoints[i].clone())
             };
+            // Tracing: this attempt's span; its id is the upstream's parent.
+            let span = trace.map(|t| {
+                let (traceparent, a) = t.attempt(
+                    &out.method,
+                    &out.uri,
+                    &ep,
+                    up.spec.protocol,
+                    &up.name,
+                    attempt + resends,
+                );
+                out.headers
+                    .insert(crate::trace::TRACEPARENT.clone(), traceparent);
+                a
+            });
 
             let mut lease = match pool::checkout(&ep, self.timeouts.connect, upgrade).await {
                 Ok(l) => l,
@@ -335,6 +351,9 @@ impl ProxyAction {
                         addr: ep.addr,
                         took: None,
                     });
+                    if let Some(s) = span {
+                        s.end(None, Some(e.kind()));
+                    }
                     ep.health.record_failure(&up.outlier);
                     ep.metrics.error(e.kind());
                     if retry.on_connect_failure && can_retry(attempt) {
@@ -384,7 +403,13 @@ impl ProxyAction {
             // Each outcome says whether the retry policy wants another
             // attempt; whether one happens is decided once, below.
             let (wanted, outcome) = match waited {
+                // (Spans end in each arm: borrowing `outcome` after the
+                // match would keep it alive across the backoff's await in
+                // this future's layout, 300+ bytes.)
                 None => {
+                    if let Some(s) = span {
+                        s.end(None, Some(ErrorKind::UpstreamTimeout));
+                    }
                     ep.health.record_failure(&up.outlier);
                     ep.metrics.error(ErrorKind::UpstreamTimeout);
                     let t = self.timeouts.response_header.unwrap_or_default();
@@ -398,6 +423,9 @@ impl ProxyAction {
                     if let Some(unsent) = e.take_message() {
                         // Never written: a pooled connection closed under us.
                         if resends < MAX_UNSENT_RESENDS {
+                            if let Some(s) = span {
+                                s.abandon("connection_closed_before_sending");
+                            }
                             resends += 1;
                             let (p, b) = unsent.into_parts();
                             out = Outgoing {
@@ -413,7 +441,14 @@ impl ProxyAction {
                     let e = e.into_error();
                     // The client's body broke the limits: the client's fault.
                     if let Some(b) = BodyError::find(&e) {
-                        return Err(GatewayError::from_body(*b));
+                        let e = GatewayError::from_body(*b);
+                        if let Some(s) = span {
+                            s.end(None, Some(e.kind()));
+                        }
+                        return Err(e);
+                    }
+                    if let Some(s) = span {
+                        s.end(None, Some(ErrorKind::UpstreamProtocol));
                     }
                     ep.health.record_failure(&up.outlier);
                     ep.metrics.error(ErrorKind::UpstreamProtocol);
@@ -429,6 +464,9 @@ impl ProxyAction {
                     ep.load.observe(took);
                     ep.metrics.duration.observe(took);
                     let status = resp.status();
+                    if let Some(s) = span {
+                        s.end(Some(status.as_u16()), None);
+                    }
                     if status.is_server_error() {
                         ep.health.record_failure(&up.outlier);
                     } else {

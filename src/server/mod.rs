@@ -210,6 +210,9 @@ impl Shared {
         for up in next.upstreams.values() {
             up.start();
         }
+        if let Some(t) = &next.tracer {
+            t.start();
+        }
         for l in &next.listeners {
             if let Some(t) = &l.spec.tls.terminator {
                 t.start();
@@ -408,6 +411,10 @@ impl Running {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.shared.phase.send_replace(Phase::Closed);
+        // Spans of the last requests: exported within a bounded wait.
+        if let Some(t) = self.shared.snapshot.load().tracer.clone() {
+            t.flush(t.spec.timeout.min(Duration::from_secs(5))).await;
+        }
     }
 }
 
@@ -484,6 +491,9 @@ pub async fn start_with(
     .await;
     for up in snapshot.upstreams.values() {
         up.start();
+    }
+    if let Some(t) = &snapshot.tracer {
+        t.start();
     }
     for l in &snapshot.listeners {
         if let Some(t) = &l.spec.tls.terminator {

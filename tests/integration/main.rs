@@ -37,5 +37,6 @@ mod resilience;
 mod routing;
 mod streaming;
 mod tls;
+mod tracing;
 mod upgrade;
 mod upgrades;
