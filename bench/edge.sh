@@ -2,12 +2,14 @@
 # Edge benchmark: Portico next to nginx on TLS (HTTP/1.1 keep-alive, wrk),
 # HTTP/2 over TLS and h2c (h2load), with the shared harness's CPU layout:
 # the proxy on CPU 1, the load generator and the origin on CPU 0. Then a
-# plain HTTP/1.1 load on Portico while its config is reloaded 50 times.
+# plain HTTP/1.1 load on Portico while its config is reloaded 50 times, and
+# `observed`: plain HTTP/1.1 with Portico's metrics, access log and 1%
+# tracing on (bench/observed.yaml) against nginx with its access log on.
 #
 #   bench/edge.sh                       # all scenarios, 3 rounds of 5 s
 #   ROUNDS=5 DURATION=10 bench/edge.sh tls-h1 h2c
 #
-# Scenarios: tls-h1, tls-h2, h2c, reload. Every load is bounded in time and
+# Scenarios: tls-h1, tls-h2, h2c, reload, observed. Every load is bounded in time and
 # goes to 127.0.0.1 only. Prints one RESULT line per scenario and proxy:
 #   RESULT scenario=tls-h1 name=portico rps=.. p99_ms=.. errors=.. cpu_us_per_req=.. vs_nginx_cpu=..
 # (medians over the rounds; cpu_us_per_req = the proxy's user+system CPU
@@ -21,7 +23,7 @@ H2_CLIENTS="${H2_CLIENTS:-16}"
 H2_STREAMS="${H2_STREAMS:-10}"
 PROXY_CPU="${PROXY_CPU:-1}"
 LOAD_CPU="${LOAD_CPU:-0}"
-scenarios=("${@:-tls-h1 tls-h2 h2c reload}")
+scenarios=("${@:-tls-h1 tls-h2 h2c reload observed}")
 scenarios=(${scenarios[*]})
 
 for tool in nginx wrk h2load openssl taskset; do
@@ -58,6 +60,11 @@ http {
     listen 127.0.0.1:18081 reuseport;
     location / { return 200 "hello from the origin\n"; }
   }
+  # A discarding OTLP sink for the observed scenario.
+  server {
+    listen 127.0.0.1:18318;
+    location / { return 200; }
+  }
 }
 EOF
 taskset -c "$LOAD_CPU" nginx -p "$tmp/origin" -c "$tmp/origin/nginx.conf" -g 'daemon off;' &
@@ -77,6 +84,7 @@ http {
   server {
     listen 127.0.0.1:18443 ssl http2;
     listen 127.0.0.1:18082 http2;
+    listen 127.0.0.1:18083;
     ssl_certificate $tmp/cert.pem;
     ssl_certificate_key $tmp/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3;
@@ -89,18 +97,38 @@ http {
 }
 EOF
 
+# The same with the access log on (the default combined format, to a file).
+mkdir -p "$tmp/proxy-observed"
+sed -e "s|access_log off;|access_log $tmp/nginx-access.log;|" -e "s|$tmp/proxy/|$tmp/proxy-observed/|g" \
+  "$tmp/proxy/nginx.conf" >"$tmp/proxy-observed/nginx.conf"
+
 export BENCH_TLS_LISTEN=127.0.0.1:18443 BENCH_H2C_LISTEN=127.0.0.1:18082 \
   BENCH_UPSTREAM=127.0.0.1:18081 BENCH_CERT="$tmp/cert.pem" BENCH_KEY="$tmp/key.pem" BENCH_WORKERS=1
 cp bench/edge.yaml "$tmp/edge.yaml"
+cp bench/observed.yaml "$tmp/observed.yaml"
 
-start_proxy() { # name -> sets proxy_pid
+start_proxy() { # name scenario -> sets proxy_pid
+  local observed=""
+  [ "$2" = observed ] && observed=1
   case "$1" in
-    nginx) taskset -c "$PROXY_CPU" nginx -p "$tmp/proxy" -c "$tmp/proxy/nginx.conf" -g 'daemon off;' & ;;
-    portico) PORTICO_LOG=info taskset -c "$PROXY_CPU" "$bin" run --config "$tmp/edge.yaml" 2>"$tmp/portico.log" & ;;
+    nginx)
+      local dir="$tmp/proxy"
+      [ -n "$observed" ] && dir="$tmp/proxy-observed"
+      taskset -c "$PROXY_CPU" nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' & ;;
+    portico)
+      local config="$tmp/edge.yaml"
+      [ -n "$observed" ] && config="$tmp/observed.yaml"
+      BENCH_LISTEN=127.0.0.1:18083 BENCH_ACCESS_LOG="$tmp/portico-access.log" \
+        BENCH_OTLP=http://127.0.0.1:18318/v1/traces BENCH_ADMIN=127.0.0.1:18099 \
+        PORTICO_LOG=info taskset -c "$PROXY_CPU" "$bin" run --config "$config" 2>"$tmp/portico.log" & ;;
   esac
   proxy_pid=$!
   for _ in $(seq 100); do
-    curl -skf -o /dev/null https://127.0.0.1:18443/ && curl -sf -o /dev/null --http2-prior-knowledge http://127.0.0.1:18082/ && return 0
+    if [ -n "$observed" ]; then
+      curl -sf -o /dev/null http://127.0.0.1:18083/ && return 0
+    else
+      curl -skf -o /dev/null https://127.0.0.1:18443/ && curl -sf -o /dev/null --http2-prior-knowledge http://127.0.0.1:18082/ && return 0
+    fi
     sleep 0.1
   done
   echo "$1 did not start" >&2; cat "$tmp/portico.log" "$tmp/proxy/error.log" 2>/dev/null | tail -5 >&2; exit 1
@@ -115,9 +143,10 @@ cpu_pid() { if [ "$1" = nginx ]; then pgrep -P "$proxy_pid" | head -1; else echo
 load() { # scenario seconds -> prints "requests errors rps p99_ms"
   local s=$1 d=$2 out
   case "$s" in
-    tls-h1|reload)
+    tls-h1|reload|observed)
       local url=https://127.0.0.1:18443/
       [ "$s" = reload ] && url=http://127.0.0.1:18082/
+      [ "$s" = observed ] && url=http://127.0.0.1:18083/
       out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${d}s" --latency "$url")
       awk '
         / requests in / { req = $1 }
@@ -148,7 +177,7 @@ for s in "${scenarios[@]}"; do
   [ "$s" = reload ] && proxies=portico
   for r in $(seq "$ROUNDS"); do
     for p in $proxies; do
-      start_proxy "$p"
+      start_proxy "$p" "$s"
       load "$s" 1 >/dev/null # warm-up
       cp=$(cpu_pid "$p")
       t0=$(ticks "$cp")

@@ -56,6 +56,46 @@ impl Cidr {
     }
 }
 
+/// Appends `ip` in its usual text form. IPv4, nearly every request, is
+/// written digit by digit: `Display` costs ten times as much.
+pub fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if o >= 100 {
+                    out.push(b'0' + o / 100);
+                }
+                if o >= 10 {
+                    out.push(b'0' + o / 10 % 10);
+                }
+                out.push(b'0' + o % 10);
+            }
+        }
+        IpAddr::V6(a) => {
+            use std::io::Write;
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
+/// Appends the decimal digits of `n`.
+pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) become IPv4.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -79,6 +119,15 @@ impl CidrSet {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn decimal_digits() {
+        for n in [0u64, 9, 10, 99, 100, 65_535, u64::MAX] {
+            let mut v = Vec::new();
+            super::push_u64(&mut v, n);
+            assert_eq!(v, n.to_string().as_bytes());
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -6,9 +6,8 @@
 //! trusted proxy; otherwise they are replaced, so a client cannot spoof its
 //! address to the upstream.
 
-use crate::net::{canonical, CidrSet};
+use crate::net::{canonical, push_ip, CidrSet};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use std::fmt::Write;
 use std::net::IpAddr;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -145,14 +144,15 @@ pub fn set_forwarded(
 ) {
     let peer = canonical(peer);
     let proto = if tls { "https" } else { "http" };
-    let mut ip = String::with_capacity(48);
+    let mut ip = Vec::with_capacity(48);
     push_ip(&mut ip, peer);
 
     // X-Forwarded-For: append to a trusted chain, else start a new one.
     let xff = match peer_trusted.then(|| joined(h, &X_FORWARDED_FOR)).flatten() {
-        Some(mut prev) => {
-            prev.push_str(", ");
-            prev.push_str(&ip);
+        Some(prev) => {
+            let mut prev = prev.into_bytes();
+            prev.extend_from_slice(b", ");
+            prev.extend_from_slice(&ip);
             prev
         }
         None => ip.clone(),
@@ -179,25 +179,26 @@ pub fn set_forwarded(
         .then(|| joined(h, &header::FORWARDED))
         .flatten()
     {
-        Some(mut prev) => {
-            prev.push_str(", ");
+        Some(prev) => {
+            let mut prev = prev.into_bytes();
+            prev.extend_from_slice(b", ");
             prev
         }
-        None => String::with_capacity(64),
+        None => Vec::with_capacity(64),
     };
     match peer {
         IpAddr::V4(_) => {
-            buf.push_str("for=");
-            buf.push_str(&ip);
+            buf.extend_from_slice(b"for=");
+            buf.extend_from_slice(&ip);
         }
         IpAddr::V6(_) => {
-            buf.push_str("for=\"[");
-            buf.push_str(&ip);
-            buf.push_str("]\"");
+            buf.extend_from_slice(b"for=\"[");
+            buf.extend_from_slice(&ip);
+            buf.extend_from_slice(b"]\"");
         }
     }
-    buf.push_str(";proto=");
-    buf.push_str(proto);
+    buf.extend_from_slice(b";proto=");
+    buf.extend_from_slice(proto.as_bytes());
     if let Some(host) = host.and_then(|v| v.to_str().ok()) {
         // A token (RFC 7239 §4) has no `:`, `[` or `]`: a port or an IPv6
         // literal makes it a quoted string.
@@ -205,40 +206,16 @@ pub fn set_forwarded(
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
         {
-            buf.push_str(";host=");
-            buf.push_str(host);
+            buf.extend_from_slice(b";host=");
+            buf.extend_from_slice(host.as_bytes());
         } else {
-            buf.push_str(";host=\"");
-            buf.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
-            buf.push('"');
+            buf.extend_from_slice(b";host=\"");
+            buf.extend(host.bytes().filter(|c| !matches!(c, b'"' | b'\\')));
+            buf.push(b'"');
         }
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
         h.insert(header::FORWARDED, v);
-    }
-}
-
-/// Appends `ip` in its usual text form. IPv4, nearly every request, is
-/// written digit by digit: `Display` costs ten times as much.
-fn push_ip(out: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(a) => {
-            for (i, o) in a.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                if o >= 100 {
-                    out.push((b'0' + o / 100) as char);
-                }
-                if o >= 10 {
-                    out.push((b'0' + o / 10 % 10) as char);
-                }
-                out.push((b'0' + o % 10) as char);
-            }
-        }
-        IpAddr::V6(a) => {
-            let _ = write!(out, "{a}");
-        }
     }
 }
 
@@ -347,9 +324,9 @@ mod tests {
         ];
         for ip in ips {
             let ip: IpAddr = ip.parse().unwrap();
-            let mut s = String::new();
+            let mut s = Vec::new();
             push_ip(&mut s, ip);
-            assert_eq!(s, ip.to_string());
+            assert_eq!(s, ip.to_string().as_bytes());
         }
     }
 

@@ -1220,6 +1220,10 @@ pub async fn serve_file(
     let drain = running.shared.snapshot.load().drain_timeout;
     tracing::info!(drain = ?drain, "shutting down: draining connections");
     running.shutdown(drain).await;
+    // The access log writes in batches: what is queued goes out first.
+    let shared = running.shared.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || shared.access_log.flush(Duration::from_secs(2))).await;
     tracing::info!("drained; exiting");
     Ok(())
 }
