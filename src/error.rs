@@ -298,6 +298,40 @@ impl GatewayError {
         }
     }
 
+    /// The standard error response as raw HTTP/1.1 bytes, with
+    /// `Connection: close`: for the connection layer, when there is no
+    /// request for hyper to answer (a request head that never arrived).
+    pub fn to_raw_http1(&self, request_id: &HeaderValue) -> Vec<u8> {
+        let resp = self.to_response(Some(request_id));
+        let body = match resp.body() {
+            Body::Full(Some(b)) => b.clone(),
+            _ => Bytes::new(),
+        };
+        let status = resp.status();
+        let mut out = Vec::with_capacity(256 + body.len());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in resp.headers() {
+            if name == http::header::CONTENT_LENGTH || name == http::header::CONNECTION {
+                continue;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(request_id.as_bytes());
+        out.extend_from_slice(b"\r\nconnection: close\r\ncontent-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(&body);
+        out
+    }
+
     /// The standard JSON error response.
     pub fn to_response(&self, request_id: Option<&HeaderValue>) -> Response<Body> {
         let status = self.kind.status();

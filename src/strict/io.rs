@@ -431,6 +431,28 @@ impl<T> StrictIo<T> {
         }
     }
 
+    /// Best effort, before the connection is closed: tells the client why
+    /// with the standard `408` (no response is in progress while a head is
+    /// awaited). A write that cannot complete at once is abandoned.
+    fn answer_timeout(&mut self, cx: &mut Context<'_>)
+    where
+        T: AsyncWrite + Unpin,
+    {
+        let e = crate::error::GatewayError::new(
+            crate::error::ErrorKind::RequestTimeout,
+            format!(
+                "request headers not received within {:?} (header_read_timeout)",
+                self.header_timeout
+            ),
+        );
+        let raw = e.to_raw_http1(&crate::server::service::new_request_id());
+        if let Poll::Ready(Ok(n)) = Pin::new(&mut self.inner).poll_write(cx, &raw) {
+            if n == raw.len() {
+                let _ = Pin::new(&mut self.inner).poll_flush(cx);
+            }
+        }
+    }
+
     /// Whether the head deadline has passed (registers for its wake-up).
     fn head_timed_out(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.deadline {
@@ -444,7 +466,7 @@ impl<T> StrictIo<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for StrictIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -479,6 +501,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {
                     if this.head_timed_out(cx) {
                         this.deadline = None;
                         tracing::debug!("request head not received within header_read_timeout");
+                        this.answer_timeout(cx);
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "request head not received within header_read_timeout",
