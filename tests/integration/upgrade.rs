@@ -657,3 +657,42 @@ async fn sd_notify_ready_reloading_mainpid_after_upgrade_and_stopping() {
     assert_eq!(next_notification(&sock).await, "STOPPING=1");
     wait_gone(new_pid).await;
 }
+
+/// logrotate's way: the access log file is renamed, then SIGUSR1 makes the
+/// running process reopen it by its path; later lines go to the new file,
+/// none is lost.
+#[tokio::test]
+async fn sigusr1_reopens_the_access_log_file() {
+    let up = upstream::fixed(200, "upstream").await;
+    let dir = temp_dir("usr1");
+    let path = dir.join("portico.yaml");
+    let log = dir.join("access.log");
+    let rotated = dir.join("access.log.1");
+    let port = free_port();
+    let extra = format!(
+        "access_log: {{path: '{}', fields: [path, status]}}\n",
+        log.display()
+    );
+    std::fs::write(&path, config(port, up.addr, "v1", &extra)).unwrap();
+    let mut gw = Portico::spawn(Path::new(env!("CARGO_BIN_EXE_portico")), &path, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(get_when_up(&format!("{base}/version")).await.0, 200);
+    assert_eq!(get(&format!("{base}/before")).await.0, 200);
+    // Lines are written in batches: wait for the one of `/before`.
+    let lines = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(super::support::eventually(WAIT, || lines(&log).contains("/before")).await);
+
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.signal("USR1");
+    gw.wait_log("access log reopened", 1).await;
+    assert_eq!(get(&format!("{base}/after")).await.0, 200);
+    assert!(
+        super::support::eventually(WAIT, || lines(&log).contains("/after")).await,
+        "the new file gets the new lines"
+    );
+    let old = lines(&rotated);
+    assert!(old.contains("/before") && !old.contains("/after"), "{old}");
+    assert!(gw.running());
+    gw.signal("TERM");
+    assert!(gw.exited().await.success());
+}
