@@ -4,10 +4,10 @@
 //! errors as gRPC statuses, and a stream that lives through a reload.
 
 use super::support::grpc::{self, Msg};
-use super::support::{client, gateway, simple_config, TestGateway};
+use super::support::{client, gateway, simple_config};
+use super::support::{start_file, temp_config};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::{Code, Request, Status};
 
@@ -373,29 +373,13 @@ async fn route_and_upstream_timeouts_are_deadline_exceeded() {
     assert_eq!(server.calls(), 2, "both calls reached the server");
 }
 
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("portico-grpc-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("portico.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-async fn start_file(path: &Path) -> TestGateway {
-    let snap = portico::load(path).unwrap_or_else(|e| panic!("{e}"));
-    let running = portico::server::start(snap, Some(path.to_path_buf()))
-        .await
-        .unwrap();
-    TestGateway { running }
-}
-
 /// A bidirectional stream opened before reloads that keep its route goes on
 /// after them, and new calls work after them.
 #[tokio::test]
 async fn bidirectional_stream_survives_reloads_that_keep_its_route() {
     let server = grpc::start().await;
     let before = config(server.addr, "", ECHO_ROUTE);
-    let path = temp_config("reload", &before);
+    let path = temp_config("grpc", "reload", &before);
     let gw = start_file(&path).await;
     let mut client = grpc::connect(gw.addr()).await;
 

@@ -1,26 +1,10 @@
 //! Reload (SIGHUP's work) and graceful shutdown, through a real gateway.
 
+use super::support::client;
 use super::support::conn::RawConn;
 use super::support::upstream;
-use super::support::{client, TestGateway};
-use std::path::PathBuf;
+use super::support::{start_file, temp_config};
 use std::time::{Duration, Instant};
-
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("portico-lifecycle-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("portico.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-async fn start_file(path: &std::path::Path) -> TestGateway {
-    let snap = portico::load(path).unwrap_or_else(|e| panic!("{e}"));
-    let running = portico::server::start(snap, Some(path.to_path_buf()))
-        .await
-        .unwrap();
-    TestGateway { running }
-}
 
 fn config(upstream: std::net::SocketAddr, answer: &str) -> String {
     format!(
@@ -31,7 +15,7 @@ fn config(upstream: std::net::SocketAddr, answer: &str) -> String {
 #[tokio::test]
 async fn reload_swaps_routes_keeps_pools_and_rejects_bad_configs() {
     let up = upstream::fixed(200, "upstream").await;
-    let path = temp_config("reload", &config(up.addr, "one"));
+    let path = temp_config("lifecycle", "reload", &config(up.addr, "one"));
     let gw = start_file(&path).await;
     assert_eq!(client::get(&gw.url("/fixed")).await.text(), "one");
     assert_eq!(client::get(&gw.url("/p")).await.text(), "upstream");
@@ -61,7 +45,7 @@ async fn reload_swaps_routes_keeps_pools_and_rejects_bad_configs() {
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
     let up = upstream::slow(Duration::from_millis(300)).await;
-    let path = temp_config("shutdown", &config(up.addr, "x"));
+    let path = temp_config("lifecycle", "shutdown", &config(up.addr, "x"));
     let gw = start_file(&path).await;
     let url = gw.url("/slow");
     let in_flight = tokio::spawn(async move { client::get(&url).await });
@@ -94,7 +78,7 @@ async fn fifty_reloads_under_load_fail_no_request() {
     use std::sync::Arc;
 
     let up = upstream::fixed(200, "upstream").await;
-    let path = temp_config("reload-load", &config(up.addr, "v0"));
+    let path = temp_config("lifecycle", "reload-load", &config(up.addr, "v0"));
     let gw = start_file(&path).await;
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
@@ -178,7 +162,7 @@ async fn websocket_and_sse_streams_survive_reloads_that_keep_their_route() {
             ws_up.addr, sse_up.addr
         )
     };
-    let path = temp_config("streams", &yaml("one"));
+    let path = temp_config("lifecycle", "streams", &yaml("one"));
     let gw = start_file(&path).await;
 
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/chat", gw.addr()))
@@ -234,7 +218,7 @@ async fn websocket_and_sse_streams_survive_reloads_that_keep_their_route() {
 #[tokio::test]
 async fn draining_spares_keep_alive_clients_and_closes_idle_connections_after_a_grace() {
     let up = upstream::fixed(200, "upstream").await;
-    let path = temp_config("drain", &config(up.addr, "x"));
+    let path = temp_config("lifecycle", "drain", &config(up.addr, "x"));
     let gw = start_file(&path).await;
     let request = b"GET /fixed HTTP/1.1\r\nhost: x\r\n\r\n";
     let (mut busy, mut idle) = (

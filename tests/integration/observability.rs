@@ -4,12 +4,12 @@
 
 use super::support::conn::RawConn;
 use super::support::metrics::{admin_get, admin_request, scrape, scrape_until};
-use super::support::{client, gateway, h2, upstream, TestGateway};
+use super::support::{client, gateway, h2, upstream};
+use super::support::{start_file, temp_config};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const ANON: (&str, &str) = ("consumer", "anonymous");
@@ -370,22 +370,6 @@ async fn upstream_errors_by_target_and_ejection() {
     assert_eq!(ep["ejections"], 1);
 }
 
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("portico-obs-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("portico.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-async fn start_file(path: &std::path::Path) -> TestGateway {
-    let snap = portico::load(path).unwrap_or_else(|e| panic!("{e}"));
-    let running = portico::server::start(snap, Some(path.to_path_buf()))
-        .await
-        .unwrap();
-    TestGateway { running }
-}
-
 fn reload_config(upstream: SocketAddr, answer: &str) -> String {
     format!(
         "listeners:\n  - name: main\n    address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\n  token: s3cret\nupstreams:\n  - name: up\n    targets: [{{address: '{upstream}'}}]\nroutes:\n  - name: fixed\n    match: {{path: /fixed}}\n    action: {{respond: {{status: 200, body: {answer}}}}}\n  - name: proxied\n    action: {{proxy: {{upstream: up}}}}\n"
@@ -395,7 +379,7 @@ fn reload_config(upstream: SocketAddr, answer: &str) -> String {
 #[tokio::test]
 async fn reloads_are_counted_and_post_reload_reports_validation_errors() {
     let up = upstream::fixed(200, "upstream").await;
-    let path = temp_config("reload", &reload_config(up.addr, "one"));
+    let path = temp_config("obs", "reload", &reload_config(up.addr, "one"));
     let gw = start_file(&path).await;
     let admin = gw.running.admin_addr();
     let tok = Some("s3cret");

@@ -24,6 +24,26 @@ use portico::server::Running;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// Writes `text` as `portico.yaml` in a directory of its own for the test
+/// (`area` and `name` make it unique within this process), for gateways
+/// that reload their file.
+pub fn temp_config(area: &str, name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("portico-{area}-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("portico.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A gateway started from a config file, which `reload` re-reads.
+pub async fn start_file(path: &std::path::Path) -> TestGateway {
+    let snap = portico::load(path).unwrap_or_else(|e| panic!("{e}"));
+    let running = portico::server::start(snap, Some(path.to_path_buf()))
+        .await
+        .unwrap();
+    TestGateway { running }
+}
+
 /// A gateway started from YAML. Its first listener should be named `main`.
 pub struct TestGateway {
     pub running: Running,
