@@ -146,6 +146,8 @@ pub fn set_forwarded(
     let proto = if tls { "https" } else { "http" };
     let mut ip = Vec::with_capacity(48);
     push_ip(&mut ip, peer);
+    // Shared, not copied, when it is the whole X-Forwarded-For value.
+    let ip = bytes::Bytes::from(ip);
 
     // X-Forwarded-For: append to a trusted chain, else start a new one.
     let xff = match peer_trusted.then(|| joined(h, &X_FORWARDED_FOR)).flatten() {
@@ -153,11 +155,11 @@ pub fn set_forwarded(
             let mut prev = prev.into_bytes();
             prev.extend_from_slice(b", ");
             prev.extend_from_slice(&ip);
-            prev
+            bytes::Bytes::from(prev)
         }
         None => ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(xff) {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !(peer_trusted && h.contains_key(&X_FORWARDED_PROTO)) {
