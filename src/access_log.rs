@@ -20,7 +20,6 @@
 //! SIGUSR1) so that logrotate can rename the file and signal.
 
 use crate::config::model;
-use crate::metrics::CONSUMERS;
 use crate::net::push_u64;
 use crate::outcome::Outcome;
 use http::{HeaderValue, Method, Uri};
@@ -460,6 +459,10 @@ pub struct Entry {
     /// The trace id of the request's `traceparent` header; the outcome's
     /// `trace_id` unless tracing set one.
     pub traceparent: Option<[u8; 16]>,
+    /// The consumer an `auth` policy identified.
+    pub consumer: Option<Arc<str>>,
+    /// Authenticated without a configured consumer (logged as `other`).
+    pub authenticated: bool,
 }
 
 impl Entry {
@@ -472,6 +475,8 @@ impl Entry {
             request_id: None,
             bytes_in: None,
             traceparent: traceparent_trace_id(req.headers()),
+            consumer: None,
+            authenticated: false,
         })
     }
 }
@@ -540,7 +545,12 @@ pub fn write_line(out: &mut Vec<u8>, fields: u32, o: &Outcome, e: &Entry, now: S
     }
     if fields & F_CONSUMER != 0 {
         w.key("consumer");
-        w.string(CONSUMERS[o.consumer as usize % CONSUMERS.len()].as_bytes());
+        let name = match (&e.consumer, e.authenticated) {
+            (Some(c), _) => c,
+            (None, true) => "other",
+            (None, false) => "anonymous",
+        };
+        w.string(name.as_bytes());
     }
     if fields & F_ROUTE != 0 {
         w.key("route");
@@ -872,12 +882,15 @@ mod tests {
             request_id: Some(HeaderValue::from_static("abc")),
             bytes_in: None,
             traceparent: None,
+            consumer: Some("app\"1".into()),
+            authenticated: true,
         };
         let mut v = Vec::new();
         write_line(&mut v, (1 << FIELDS.len()) - 1, &o, &e, SystemTime::now());
         assert_eq!(v.last(), Some(&b'\n'));
         let j: serde_json::Value = serde_json::from_slice(&v).unwrap();
         assert_eq!(j["route"], "r\"1");
+        assert_eq!(j["consumer"], "app\"1");
         assert_eq!(j["path"], "/a%20b?q=1");
         assert_eq!(j["user_agent"], "ua\\\"\t\u{fffd}");
         assert_eq!(j["error"], "upstream_unreachable");

@@ -62,12 +62,23 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// A configuration submitted for reload does not validate.
     InvalidConfig,
+    /// The caller is known but not allowed (consumer, group, scope, role,
+    /// claim, client address, CORS origin).
+    Forbidden,
+    /// A credential could not be checked because the service that checks it
+    /// (token introspection, the JWKS URL) is unavailable. Never "allow".
+    AuthUnavailable,
+    /// The request does not satisfy the route's validation (JSON Schema,
+    /// OpenAPI parameters); the details list each failing location.
+    ValidationFailed,
+    /// The request body's media type is not accepted by the route.
+    UnsupportedMediaType,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order (`ALL[k.index()] == k`): metric
     /// counters are arrays indexed by kind.
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 17] = [
         ErrorKind::RouteNotFound,
         ErrorKind::BadRequest,
         ErrorKind::PayloadTooLarge,
@@ -81,6 +92,10 @@ impl ErrorKind {
         ErrorKind::Unauthorized,
         ErrorKind::MethodNotAllowed,
         ErrorKind::InvalidConfig,
+        ErrorKind::Forbidden,
+        ErrorKind::AuthUnavailable,
+        ErrorKind::ValidationFailed,
+        ErrorKind::UnsupportedMediaType,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -104,6 +119,10 @@ impl ErrorKind {
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::InvalidConfig => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::ValidationFailed => StatusCode::BAD_REQUEST,
+            ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -123,6 +142,10 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::AuthUnavailable => "auth_unavailable",
+            ErrorKind::ValidationFailed => "validation_failed",
+            ErrorKind::UnsupportedMediaType => "unsupported_media_type",
         }
     }
 
@@ -135,11 +158,16 @@ impl ErrorKind {
             | ErrorKind::RequestTimeout
             | ErrorKind::Unauthorized
             | ErrorKind::MethodNotAllowed
-            | ErrorKind::InvalidConfig => ErrorSource::Client,
+            | ErrorKind::InvalidConfig
+            | ErrorKind::Forbidden
+            | ErrorKind::ValidationFailed
+            | ErrorKind::UnsupportedMediaType => ErrorSource::Client,
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamProtocol
             | ErrorKind::UpstreamTimeout => ErrorSource::Upstream,
-            ErrorKind::NoHealthyTarget | ErrorKind::Internal => ErrorSource::Gateway,
+            ErrorKind::NoHealthyTarget | ErrorKind::Internal | ErrorKind::AuthUnavailable => {
+                ErrorSource::Gateway
+            }
         }
     }
 
@@ -157,6 +185,9 @@ impl ErrorKind {
             ErrorKind::Unauthorized => 16,                      // UNAUTHENTICATED
             ErrorKind::MethodNotAllowed => 12,                  // UNIMPLEMENTED
             ErrorKind::InvalidConfig => 3,                      // INVALID_ARGUMENT
+            ErrorKind::Forbidden => 7,                          // PERMISSION_DENIED
+            ErrorKind::AuthUnavailable => 14,                   // UNAVAILABLE
+            ErrorKind::ValidationFailed | ErrorKind::UnsupportedMediaType => 3, // INVALID_ARGUMENT
         }
     }
 
@@ -188,6 +219,9 @@ pub struct GatewayError {
     /// Structured detail added to the JSON body as `error.details` (e.g.
     /// the list of configuration errors of a rejected reload).
     details: Option<Box<serde_json::Value>>,
+    /// A configured status instead of the kind's (e.g. introspection's
+    /// `unavailable_status`).
+    status: Option<StatusCode>,
 }
 
 impl GatewayError {
@@ -198,7 +232,19 @@ impl GatewayError {
             cause: None,
             headers: None,
             details: None,
+            status: None,
         }
+    }
+
+    /// Answers with `status` instead of the kind's own.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        self.status.unwrap_or(self.kind.status())
     }
 
     /// Adds `error.details` to the JSON body.
@@ -334,7 +380,7 @@ impl GatewayError {
 
     /// The standard JSON error response.
     pub fn to_response(&self, request_id: Option<&HeaderValue>) -> Response<Body> {
-        let status = self.kind.status();
+        let status = self.status();
         let rid = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
         #[derive(serde::Serialize)]
         struct Inner<'a> {
@@ -437,6 +483,12 @@ mod tests {
         for (i, k) in ErrorKind::ALL.iter().enumerate() {
             assert_eq!(k.index(), i, "{k:?}");
         }
-        assert_eq!(ErrorKind::InvalidConfig.index(), ErrorKind::COUNT - 1);
+        assert_eq!(
+            ErrorKind::UnsupportedMediaType.index(),
+            ErrorKind::COUNT - 1
+        );
+        assert_eq!(ErrorKind::Forbidden.status(), 403);
+        assert_eq!(ErrorKind::Forbidden.grpc_status(), 7);
+        assert_eq!(ErrorKind::AuthUnavailable.source(), ErrorSource::Gateway);
     }
 }

@@ -11,6 +11,9 @@ portico — an API gateway
 USAGE:
     portico run --config FILE [--workers N]   serve with FILE
     portico validate --config FILE            check FILE and exit (non-zero on errors)
+    portico hash-key                          read an API key on stdin, print its SHA-256
+                                              (for `consumers[].credentials.api_keys[].sha256`)
+    portico hash-key --generate               make a new random key; print it and its SHA-256
     portico --version                         print the version
 
 Logging: PORTICO_LOG=info|debug|warn (default info), to stderr.
@@ -52,7 +55,60 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// `portico hash-key`: the key is read from stdin (not an argument, so it
+/// stays out of shell history and `ps`).
+fn hash_key(generate: bool) -> ExitCode {
+    use std::io::BufRead;
+    let key = if generate {
+        let mut raw = [0u8; 32];
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).is_err() {
+            eprintln!("no system randomness available");
+            return ExitCode::FAILURE;
+        }
+        let key: String = raw
+            .iter()
+            .map(|b| {
+                const ALPHABET: &[u8; 64] =
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+                ALPHABET[(b & 63) as usize] as char
+            })
+            .collect();
+        println!("key:    {key}");
+        key
+    } else {
+        let mut line = String::new();
+        if std::io::stdin().lock().read_line(&mut line).is_err() {
+            eprintln!("cannot read the key from stdin");
+            return ExitCode::FAILURE;
+        }
+        let key = line.trim_end_matches(['\r', '\n']).to_string();
+        if key.is_empty() {
+            eprintln!("usage: echo -n KEY | portico hash-key   (or: portico hash-key --generate)");
+            return ExitCode::from(2);
+        }
+        key
+    };
+    let hex = portico::auth::sha256_hex(key.as_bytes());
+    if generate {
+        println!("sha256: {hex}");
+    } else {
+        println!("{hex}");
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    let mut raw = std::env::args().skip(1);
+    if raw.next().as_deref() == Some("hash-key") {
+        return match raw.next().as_deref() {
+            None => hash_key(false),
+            Some("--generate") => hash_key(true),
+            Some(other) => {
+                eprintln!("hash-key: unknown argument `{other}`\n\n{USAGE}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

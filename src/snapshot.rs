@@ -109,6 +109,10 @@ pub struct Snapshot {
     pub access_logger: Option<Arc<crate::access_log::Logger>>,
     /// `tracing`, when configured (kept across reloads that keep the key).
     pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// The consumers and their credential indexes.
+    pub consumers: Arc<crate::auth::Consumers>,
+    /// `auth.consumer_headers`: removed from every client request.
+    pub consumer_headers: Arc<crate::policy::auth::ConsumerHeaderNames>,
     pub config: model::Config,
 }
 
@@ -267,6 +271,32 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         .as_ref()
         .and_then(|t| compile_tracing(&mut c, t, previous));
 
+    // ---- consumers and identity settings
+    let consumers = Arc::new(crate::auth::Consumers::compile(
+        &cfg.consumers,
+        previous.map(|s| &*s.consumers),
+        |p, m| c.err(p, m),
+        |p| loaded.raw_line(p),
+    ));
+    let consumer_headers = Arc::new(crate::policy::compile::consumer_headers(
+        &cfg.auth.consumer_headers,
+        &mut |p, m| c.err(p, m),
+    ));
+    let mut group_names = HashSet::new();
+    for (i, g) in cfg.route_groups.iter().enumerate() {
+        if !group_names.insert(g.name.as_str()) {
+            c.err(
+                format!("route_groups[{i}].name"),
+                format!("duplicate route group name `{}`", g.name),
+            );
+        }
+    }
+    let shared = Shared {
+        consumers: &consumers,
+        consumer_headers: &consumer_headers,
+        base: tls_base(loaded),
+    };
+
     // ---- routes
     let mut routes: Vec<(usize, Arc<Route>, Pattern, Conditions)> = Vec::new();
     let mut route_names = HashSet::new();
@@ -299,7 +329,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             .get(r.name.as_str())
             .map(|m| Arc::clone(m))
             .unwrap_or_else(|| Arc::new(RouteMetrics::new(r.name.as_str().into())));
-        if let Some(compiled) = compile_route(&mut c, &p, r, &upstreams, metrics) {
+        if let Some(compiled) = compile_route(&mut c, &p, r, &upstreams, metrics, &shared) {
             routes.push((i, Arc::new(compiled.0), compiled.1, compiled.2));
         }
     }
@@ -346,8 +376,17 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         access_log,
         access_logger: None,
         tracer,
+        consumers,
+        consumer_headers,
         config: cfg.clone(),
     })
+}
+
+/// Compiled state every route's policies may use.
+struct Shared<'a> {
+    consumers: &'a Arc<crate::auth::Consumers>,
+    consumer_headers: &'a Arc<crate::policy::auth::ConsumerHeaderNames>,
+    base: std::path::PathBuf,
 }
 
 /// `admin`: a bearer token is required unless the address is loopback.
@@ -817,6 +856,7 @@ fn compile_route(
     r: &model::Route,
     upstreams: &HashMap<String, Arc<Upstream>>,
     metrics: Arc<RouteMetrics>,
+    shared: &Shared,
 ) -> Option<(Route, Pattern, Conditions)> {
     let before = c.errors.len();
     let m = &r.matcher;
@@ -899,14 +939,45 @@ fn compile_route(
         }
     }
 
+    // The route group's policies first, then the route's own.
+    let mut steps: Vec<(String, &model::Policy)> = Vec::new();
+    if let Some(g) = &r.group {
+        let cfg = &c.loaded.config;
+        match cfg.route_groups.iter().position(|x| &x.name == g) {
+            Some(gi) => steps.extend(
+                cfg.route_groups[gi]
+                    .policies
+                    .iter()
+                    .enumerate()
+                    .map(|(j, pol)| (format!("route_groups[{gi}].policies[{j}]"), pol)),
+            ),
+            None => c.err(
+                format!("{p}.group"),
+                format!("no route group is named `{g}`"),
+            ),
+        }
+    }
+    steps.extend(
+        r.policies
+            .iter()
+            .enumerate()
+            .map(|(j, pol)| (format!("{p}.policies[{j}]"), pol)),
+    );
+    let env = crate::policy::compile::Env {
+        consumers: shared.consumers,
+        consumer_headers: shared.consumer_headers,
+        metrics: &metrics,
+        base: &shared.base,
+    };
     let mut policies: Vec<Box<dyn Policy>> = Vec::new();
-    for (j, pol) in r.policies.iter().enumerate() {
-        let pp = format!("{p}.policies[{j}]");
-        let set = [pol.headers.is_some()].iter().filter(|x| **x).count();
-        if set != 1 {
+    for (pp, pol) in steps {
+        if crate::policy::compile::count(pol) != 1 {
             c.err(
                 pp.clone(),
-                "a policy step names exactly one policy (known: headers)",
+                format!(
+                    "a policy step names exactly one policy (known: {})",
+                    crate::policy::compile::KNOWN
+                ),
             );
             continue;
         }
@@ -914,6 +985,10 @@ fn compile_route(
             let request = header_ops(c, &format!("{pp}.headers.request"), &h.request);
             let response = header_ops(c, &format!("{pp}.headers.response"), &h.response);
             policies.push(Box::new(HeadersPolicy { request, response }));
+        } else if let Some(x) =
+            crate::policy::compile::compile(&pp, pol, &env, &mut |k, m| c.err(k, m))
+        {
+            policies.push(x);
         }
     }
 

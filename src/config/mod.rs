@@ -65,9 +65,21 @@ pub struct Loaded {
     pub positions: Positions,
     /// Hash of the interpolated source, shown by the admin API and logs.
     pub hash: u64,
+    /// The file as written, before `${VAR}` interpolation (same lines).
+    pub source: String,
 }
 
 impl Loaded {
+    /// The line holding the key at `path` as written in the file, before
+    /// interpolation: to check that a secret comes from the environment.
+    pub fn raw_line(&self, path: &str) -> Option<String> {
+        let (line, _) = self.positions.find(path)?;
+        self.source
+            .lines()
+            .nth(line.checked_sub(1)?)
+            .map(String::from)
+    }
+
     /// An error located at `path` (or its nearest located ancestor).
     pub fn error(&self, path: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let path = path.into();
@@ -112,6 +124,7 @@ pub fn parse_str(
             message,
         }])
     };
+    let source = text.to_string();
     let text = interpolate::interpolate(text, &env).map_err(|(line, col, msg)| {
         // Name the key holding the bad reference: index the text as it would
         // read with every variable set (interpolation keeps line numbers).
@@ -162,6 +175,7 @@ pub fn parse_str(
         file: file.to_string(),
         positions,
         hash,
+        source,
     })
 }
 

@@ -40,6 +40,231 @@ pub struct Config {
     /// OpenTelemetry tracing (W3C propagation, OTLP export); off when absent.
     #[serde(default)]
     pub tracing: Option<Tracing>,
+    /// Known clients and their credentials.
+    #[serde(default)]
+    pub consumers: Vec<Consumer>,
+    /// Token issuers, introspection servers and identity settings shared by
+    /// every route's `auth` policy.
+    #[serde(default)]
+    pub auth: Auth,
+    /// Named groups of routes: policies run before each member route's own,
+    /// and an optional OpenAPI document for their validation.
+    #[serde(default)]
+    pub route_groups: Vec<RouteGroup>,
+}
+
+// ---------------------------------------------------------------- consumers
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// Unique; the metrics label, the `X-Consumer-Id` value, what limits key on.
+    pub id: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The consumer's plan (e.g. `free`, `pro`), for limits and headers.
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// Free-form values, available to later policies and the admin API.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub credentials: Credentials,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyCredential>,
+    /// Client certificates (TLS listeners with `client_auth`) that identify
+    /// this consumer.
+    #[serde(default)]
+    pub mtls: Vec<MtlsCredential>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyCredential {
+    /// SHA-256 of the key, hex (`portico hash-key` prints it).
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// The key itself, only as `${ENV_VAR}` (never written in the file).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// A revoked key is refused (as an unknown key is).
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// One way to recognise a client certificate; exactly one key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsCredential {
+    /// SHA-256 of the certificate (DER), hex.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// The subject DN as the gateway writes it (`CN=app,O=Example`).
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// A subject alternative name: `DNS:app.example`, `URI:spiffe://...`.
+    #[serde(default)]
+    pub san: Option<String>,
+}
+
+// ---------------------------------------------------------------- auth
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// Upstream headers naming the authenticated consumer; the gateway
+    /// removes them from every client request first.
+    #[serde(default)]
+    pub consumer_headers: ConsumerHeaders,
+    #[serde(default)]
+    pub jwt_issuers: Vec<JwtIssuer>,
+    #[serde(default)]
+    pub introspection: Vec<Introspection>,
+    /// Verified tokens (JWT and introspection results) kept in memory.
+    #[serde(default = "defaults::token_cache_size")]
+    pub token_cache_size: usize,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            consumer_headers: ConsumerHeaders::default(),
+            jwt_issuers: Vec::new(),
+            introspection: Vec::new(),
+            token_cache_size: defaults::token_cache_size(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerHeaders {
+    #[serde(default = "defaults::consumer_id_header")]
+    pub id: String,
+    /// Comma-separated groups.
+    #[serde(default = "defaults::consumer_groups_header")]
+    pub groups: String,
+    #[serde(default = "defaults::consumer_plan_header")]
+    pub plan: String,
+    /// The authentication method that identified the request.
+    #[serde(default = "defaults::auth_method_header")]
+    pub method: String,
+}
+
+impl Default for ConsumerHeaders {
+    fn default() -> Self {
+        ConsumerHeaders {
+            id: defaults::consumer_id_header(),
+            groups: defaults::consumer_groups_header(),
+            plan: defaults::consumer_plan_header(),
+            method: defaults::auth_method_header(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuer {
+    /// How routes refer to this issuer.
+    pub name: String,
+    /// The expected `iss` claim.
+    pub issuer: String,
+    /// Accepted `aud` values (any one must be present); none = not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Accepted `alg` values (never `none`).
+    pub algorithms: Vec<String>,
+    /// Keys written in the file (JWK, PEM or HMAC secret).
+    #[serde(default)]
+    pub keys: Vec<JwtKey>,
+    /// A JWKS document on disk.
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    /// A JWKS URL, fetched at start and refreshed.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// How often the JWKS URL is fetched again.
+    #[serde(default = "defaults::jwks_refresh")]
+    pub jwks_refresh: Dur,
+    /// At most one refetch this often when a token names an unknown `kid`.
+    #[serde(default = "defaults::jwks_min_refresh")]
+    pub jwks_min_refresh: Dur,
+    /// Timeout of a JWKS fetch.
+    #[serde(default = "defaults::fetch_timeout")]
+    pub jwks_timeout: Dur,
+    /// Tolerance for `exp`, `nbf` and `iat`.
+    #[serde(default = "defaults::jwt_leeway")]
+    pub leeway: Dur,
+    /// Claims that must be present (`exp` always is).
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Tokens longer than this are refused before parsing.
+    #[serde(default = "defaults::max_token_size")]
+    pub max_token_size: Size,
+    /// A claim whose value names the consumer (e.g. `azp`, `client_id`);
+    /// a token whose claim names no consumer is refused.
+    #[serde(default)]
+    pub consumer_claim: Option<String>,
+}
+
+/// One key of an issuer; exactly one of `jwk`, `pem`, `pem_file`, `secret`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKey {
+    /// Key id matched against the token's `kid` (a JWK's own `kid` otherwise).
+    #[serde(default)]
+    pub kid: Option<String>,
+    #[serde(default)]
+    pub jwk: Option<serde_json::Value>,
+    /// A PEM public key (RSA, EC or Ed25519).
+    #[serde(default)]
+    pub pem: Option<String>,
+    #[serde(default)]
+    pub pem_file: Option<String>,
+    /// An HMAC secret (HS256/384/512), only as `${ENV_VAR}`.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Introspection {
+    pub name: String,
+    /// The RFC 7662 endpoint (`http://` or `https://`).
+    pub url: String,
+    pub client_id: String,
+    /// Only as `${ENV_VAR}`.
+    pub client_secret: String,
+    #[serde(default = "defaults::fetch_timeout")]
+    pub timeout: Dur,
+    /// Active tokens are cached until their `exp`, at most this long.
+    #[serde(default = "defaults::introspection_max_ttl")]
+    pub cache_ttl: Dur,
+    /// Inactive tokens are remembered this long.
+    #[serde(default = "defaults::introspection_inactive_ttl")]
+    pub inactive_ttl: Dur,
+    /// The status answered when the endpoint cannot be reached (never allow).
+    #[serde(default = "defaults::introspection_unavailable")]
+    pub unavailable_status: u16,
+    /// A field of the introspection response naming the consumer.
+    #[serde(default)]
+    pub consumer_claim: Option<String>,
+}
+
+// ---------------------------------------------------------------- route groups
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteGroup {
+    pub name: String,
+    /// Run before each member route's own policies.
+    #[serde(default)]
+    pub policies: Vec<Policy>,
 }
 
 // ---------------------------------------------------------------- access log
@@ -510,6 +735,9 @@ pub struct Route {
     /// Overrides the listener's `max_body_bytes` for this route (`0` = unlimited).
     #[serde(default)]
     pub max_body_bytes: Option<Size>,
+    /// A `route_groups` entry whose policies run before this route's.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -552,6 +780,194 @@ pub struct Policy {
     /// Request and response header changes.
     #[serde(default)]
     pub headers: Option<HeadersPolicy>,
+    /// Who is calling: API key, JWT, introspection, mTLS, or anonymous.
+    #[serde(default)]
+    pub auth: Option<AuthPolicy>,
+    /// Whether the caller may: consumers, groups, scopes, roles, claims, IPs.
+    #[serde(default)]
+    pub access: Option<AccessPolicy>,
+    #[serde(default)]
+    pub cors: Option<CorsPolicy>,
+    /// Body size, content type and JSON Schema of the request.
+    #[serde(default)]
+    pub validate: Option<ValidatePolicy>,
+    /// Validate requests against the operations of an OpenAPI 3 document.
+    #[serde(default)]
+    pub openapi: Option<OpenApiPolicy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthPolicy {
+    /// Accepted methods, tried in order; the first whose credential is
+    /// present decides.
+    pub methods: Vec<AuthMethod>,
+    /// Requests without any credential pass as the `anonymous` consumer.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Remove the credential (API key header/parameter, bearer token) before
+    /// forwarding.
+    #[serde(default = "defaults::yes")]
+    pub strip_credentials: bool,
+    /// Token claims copied to upstream headers (`sub: X-User-Id`); the
+    /// gateway removes these headers from the client's request first.
+    #[serde(default)]
+    pub claims_to_headers: BTreeMap<String, String>,
+}
+
+/// One accepted method; exactly one key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthMethod {
+    #[serde(default)]
+    pub api_key: Option<ApiKeyMethod>,
+    #[serde(default)]
+    pub jwt: Option<JwtMethod>,
+    #[serde(default)]
+    pub introspection: Option<IntrospectionMethod>,
+    /// The verified client certificate of a TLS listener with `client_auth`.
+    #[serde(default)]
+    pub mtls: Option<MtlsMethod>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyMethod {
+    /// Header carrying the key.
+    #[serde(default = "defaults::api_key_header")]
+    pub header: Option<String>,
+    /// Query parameter carrying the key (none by default).
+    #[serde(default)]
+    pub query: Option<String>,
+}
+
+impl Default for ApiKeyMethod {
+    fn default() -> Self {
+        ApiKeyMethod {
+            header: defaults::api_key_header(),
+            query: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtMethod {
+    /// Names of `auth.jwt_issuers` whose tokens are accepted.
+    pub issuers: Vec<String>,
+    /// Read the token from this header (raw, or after `Bearer `) instead
+    /// of `Authorization: Bearer`.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Read the token from this cookie.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Read the token from this query parameter.
+    #[serde(default)]
+    pub query: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionMethod {
+    /// A name of `auth.introspection`.
+    pub server: String,
+    /// Read the token from this header (raw, or after `Bearer `) instead
+    /// of `Authorization: Bearer`.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Read the token from this cookie.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Read the token from this query parameter.
+    #[serde(default)]
+    pub query: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsMethod {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AccessPolicy {
+    /// Allowed consumer ids (any); empty = any.
+    #[serde(default)]
+    pub consumers: Vec<String>,
+    /// Allowed consumer groups (any); empty = any.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Every one of these scopes is required (`scope` claim, space-separated,
+    /// or `scp` / `scope` as an array).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// At least one of these roles is required.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Where roles are read from: a claim name or dot path.
+    #[serde(default = "defaults::roles_claim")]
+    pub roles_claim: String,
+    /// Claim equality (`tenant: acme`); an array claim must contain the value.
+    #[serde(default)]
+    pub claims: BTreeMap<String, serde_json::Value>,
+    /// Client addresses allowed (CIDR); empty = any.
+    #[serde(default)]
+    pub ip_allow: Vec<String>,
+    /// Client addresses refused (CIDR); checked first.
+    #[serde(default)]
+    pub ip_deny: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CorsPolicy {
+    /// Exact origins (`https://app.example.com`), `*`, or patterns with one
+    /// `*` label (`https://*.example.com`).
+    pub allow_origins: Vec<String>,
+    #[serde(default = "defaults::cors_methods")]
+    pub allow_methods: Vec<String>,
+    /// Request headers allowed in the actual request; `*` = any.
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+    #[serde(default)]
+    pub max_age: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ValidatePolicy {
+    /// Largest request body.
+    #[serde(default)]
+    pub max_body: Option<Size>,
+    /// Allowed media types (`application/json`, `text/*`) of requests with a body.
+    #[serde(default)]
+    pub content_types: Vec<String>,
+    /// JSON Schema the request body must satisfy (inline).
+    #[serde(default)]
+    pub json_schema: Option<serde_json::Value>,
+    /// JSON Schema in a file (JSON or YAML).
+    #[serde(default)]
+    pub json_schema_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OpenApiPolicy {
+    /// An OpenAPI 3.0/3.1 document (JSON or YAML), relative to the config file.
+    pub spec: String,
+    /// Prefix of the request path before the document's paths (`/api`).
+    #[serde(default)]
+    pub base_path: Option<String>,
+    /// Requests that match no operation of the document: refused (404) or passed.
+    #[serde(default = "defaults::yes")]
+    pub reject_unknown: bool,
+    /// Largest body read for validation.
+    #[serde(default = "defaults::validate_max_body")]
+    pub max_body: Size,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -739,5 +1155,57 @@ pub(crate) mod defaults {
 
     pub fn access_log_buffer() -> usize {
         10_000
+    }
+
+    pub fn token_cache_size() -> usize {
+        10_000
+    }
+    pub fn consumer_id_header() -> String {
+        "x-consumer-id".into()
+    }
+    pub fn consumer_groups_header() -> String {
+        "x-consumer-groups".into()
+    }
+    pub fn consumer_plan_header() -> String {
+        "x-consumer-plan".into()
+    }
+    pub fn auth_method_header() -> String {
+        "x-auth-method".into()
+    }
+    pub fn jwks_refresh() -> Dur {
+        Dur(Duration::from_secs(600))
+    }
+    pub fn jwks_min_refresh() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn fetch_timeout() -> Dur {
+        Dur(Duration::from_secs(5))
+    }
+    pub fn jwt_leeway() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn max_token_size() -> Size {
+        Size(8 * 1024)
+    }
+    pub fn introspection_max_ttl() -> Dur {
+        Dur(Duration::from_secs(300))
+    }
+    pub fn introspection_inactive_ttl() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn introspection_unavailable() -> u16 {
+        503
+    }
+    pub fn api_key_header() -> Option<String> {
+        Some("x-api-key".into())
+    }
+    pub fn roles_claim() -> String {
+        "roles".into()
+    }
+    pub fn cors_methods() -> Vec<String> {
+        ["GET", "HEAD", "POST"].map(String::from).to_vec()
+    }
+    pub fn validate_max_body() -> Size {
+        Size(1024 * 1024)
     }
 }

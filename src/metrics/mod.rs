@@ -28,7 +28,7 @@ pub mod render;
 use crate::error::ErrorKind;
 use http::Method;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// Upper bounds of the duration histograms, in seconds (plus `+Inf`): from
@@ -142,15 +142,63 @@ pub fn status_class(status: u16) -> usize {
     (status / 100).clamp(1, 5) as usize - 1
 }
 
-/// Consumer label values. Identity (authentication) is a later feature:
-/// today every request is `anonymous`. The dimension exists so that it
-/// stays bounded when consumers arrive (they will come from configuration,
-/// with unknown ones collapsed into one value).
-pub const CONSUMERS: [&str; 1] = ["anonymous"];
+/// A consumer's metrics slot (`crate::auth::consumer::Slots`): 0 is
+/// `anonymous`, 1 is `other`, then one per consumer id ever configured.
+pub type ConsumerSlot = u32;
+pub const ANONYMOUS: ConsumerSlot = crate::auth::consumer::SLOT_ANONYMOUS;
 
-/// Index into [`CONSUMERS`].
-pub type ConsumerSlot = u8;
-pub const ANONYMOUS: ConsumerSlot = 0;
+/// Requests of one consumer on one route: method class × status class.
+type Counts = [[AtomicU64; STATUS_CLASSES.len()]; METHODS.len()];
+
+fn zero_counts() -> Counts {
+    std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+}
+
+/// Consumer slots per lazily allocated chunk of a route's table.
+const CHUNK: usize = 16;
+const CHUNKS: usize = (crate::auth::consumer::MAX_SLOTS as usize).div_ceil(CHUNK);
+
+/// One lazily allocated run of [`CHUNK`] consumer slots.
+type Chunk = OnceLock<Box<[Counts; CHUNK]>>;
+
+/// A route's per-consumer counters: nothing is allocated until a consumer
+/// other than `anonymous` is counted, then one chunk of [`CHUNK`] slots at a
+/// time (allocated once, never per request).
+#[derive(Default)]
+struct ByConsumer {
+    chunks: OnceLock<Box<[Chunk]>>,
+}
+
+impl ByConsumer {
+    fn counts(&self, slot: usize) -> &Counts {
+        let slot = slot.min(CHUNKS * CHUNK - 1);
+        let top = self
+            .chunks
+            .get_or_init(|| (0..CHUNKS).map(|_| OnceLock::new()).collect());
+        let chunk =
+            top[slot / CHUNK].get_or_init(|| Box::new(std::array::from_fn(|_| zero_counts())));
+        &chunk[slot % CHUNK]
+    }
+
+    fn get(&self, slot: usize) -> Option<&Counts> {
+        let chunk = self.chunks.get()?.get(slot / CHUNK)?.get()?;
+        Some(&chunk[slot % CHUNK])
+    }
+
+    /// Slots with a chunk allocated (some may still be all zero).
+    fn slots(&self) -> impl Iterator<Item = (usize, &Counts)> {
+        self.chunks.get().into_iter().flat_map(|top| {
+            top.iter().enumerate().flat_map(|(ci, c)| {
+                c.get().into_iter().flat_map(move |chunk| {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, x)| (ci * CHUNK + i, x))
+                })
+            })
+        })
+    }
+}
 
 /// The label value of requests that matched no route (refused before
 /// routing, redirected to HTTPS, or `route_not_found`). No route may be
@@ -161,7 +209,12 @@ pub const UNMATCHED_ROUTE: &str = "(unmatched)";
 /// carried across reloads by route name.
 pub struct RouteMetrics {
     pub name: Arc<str>,
-    requests: [[[AtomicU64; STATUS_CLASSES.len()]; METHODS.len()]; CONSUMERS.len()],
+    /// Requests without a consumer (slot 0), allocated up front.
+    anonymous: Counts,
+    /// Requests of other consumer slots.
+    by_consumer: ByConsumer,
+    /// Refused authentications, by auth method and reason.
+    auth_failures: [[AtomicU64; crate::auth::Reason::COUNT]; crate::auth::Method::ALL.len()],
     /// Requests whose client went away before the response headers.
     cancelled: AtomicU64,
     pub duration: Histogram,
@@ -173,9 +226,9 @@ impl RouteMetrics {
     pub fn new(name: Arc<str>) -> RouteMetrics {
         RouteMetrics {
             name,
-            requests: std::array::from_fn(|_| {
-                std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0)))
-            }),
+            anonymous: zero_counts(),
+            by_consumer: ByConsumer::default(),
+            auth_failures: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             cancelled: AtomicU64::new(0),
             duration: Histogram::default(),
             bytes_in: AtomicU64::new(0),
@@ -194,9 +247,12 @@ impl RouteMetrics {
         elapsed: Duration,
         bytes_out: u64,
     ) {
-        self.requests[consumer as usize % CONSUMERS.len()][method as usize % METHODS.len()]
-            [status_class(status)]
-        .fetch_add(1, Relaxed);
+        let counts = if consumer == ANONYMOUS {
+            &self.anonymous
+        } else {
+            self.by_consumer.counts(consumer as usize)
+        };
+        counts[method as usize % METHODS.len()][status_class(status)].fetch_add(1, Relaxed);
         self.duration.observe(elapsed);
         if bytes_out > 0 {
             self.bytes_out.fetch_add(bytes_out, Relaxed);
@@ -216,16 +272,49 @@ impl RouteMetrics {
         }
     }
 
+    /// One refused authentication.
+    #[inline]
+    pub fn auth_failure(&self, method: crate::auth::Method, reason: crate::auth::Reason) {
+        self.auth_failures[method.index()][reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn auth_failures(&self, method: usize, reason: usize) -> u64 {
+        self.auth_failures[method][reason].load(Relaxed)
+    }
+
     pub fn requests(&self, consumer: usize, method: usize, class: usize) -> u64 {
-        self.requests[consumer][method][class].load(Relaxed)
+        let counts = if consumer == ANONYMOUS as usize {
+            Some(&self.anonymous)
+        } else {
+            self.by_consumer.get(consumer)
+        };
+        counts.map_or(0, |c| c[method][class].load(Relaxed))
+    }
+
+    /// Consumer slots that may have requests counted (`anonymous` first).
+    pub fn consumer_slots(&self) -> Vec<usize> {
+        let mut v = vec![ANONYMOUS as usize];
+        v.extend(
+            self.by_consumer
+                .slots()
+                .filter(|(s, c)| *s != 0 && c.iter().flatten().any(|x| x.load(Relaxed) > 0))
+                .map(|(s, _)| s),
+        );
+        v
+    }
+
+    /// Requests of one consumer slot on this route, all methods and statuses.
+    pub fn consumer_requests(&self, consumer: usize) -> u64 {
+        (0..METHODS.len())
+            .flat_map(|m| (0..STATUS_CLASSES.len()).map(move |s| (m, s)))
+            .map(|(m, s)| self.requests(consumer, m, s))
+            .sum()
     }
 
     pub fn total_requests(&self) -> u64 {
-        self.requests
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|c| c.load(Relaxed))
+        self.consumer_slots()
+            .into_iter()
+            .map(|c| self.consumer_requests(c))
             .sum()
     }
 

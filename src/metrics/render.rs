@@ -3,7 +3,7 @@
 //! Docs: docs/observability.md lists each family; keep them in step.
 
 use super::encode::{Encoder, Kind};
-use super::{GatewayMetrics, RouteMetrics, CONN_CLASSES, CONSUMERS, METHODS, STATUS_CLASSES};
+use super::{GatewayMetrics, RouteMetrics, CONN_CLASSES, METHODS, STATUS_CLASSES};
 use crate::error::{ErrorKind, ErrorSource};
 use crate::snapshot::Snapshot;
 use std::sync::atomic::Ordering;
@@ -36,8 +36,10 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
         Kind::Counter,
         "Requests answered, by route, method, status class and consumer (counted when the response ends).",
     );
+    let consumer_names = snap.consumers.slots.names();
     for r in &routes {
-        for (ci, consumer) in CONSUMERS.iter().enumerate() {
+        for ci in r.consumer_slots() {
+            let consumer = consumer_names.get(ci).map_or("other", |n| &**n);
             for (mi, method) in METHODS.iter().enumerate() {
                 for (si, class) in STATUS_CLASSES.iter().enumerate() {
                     let n = r.requests(ci, mi, si);

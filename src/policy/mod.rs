@@ -9,6 +9,8 @@
 //! Synchronous policies return [`Step::Ready`] and cost no allocation;
 //! policies that must wait (a key fetch, a Redis call) return a boxed future.
 
+pub mod auth;
+pub mod compile;
 pub mod headers;
 
 use crate::body::Body;
@@ -46,6 +48,10 @@ pub struct Ctx {
     pub upstream: Option<crate::outcome::Attempt>,
     /// The request's trace, when `tracing` is configured.
     pub trace: Option<crate::trace::TraceCtx>,
+    /// Who is calling, once an `auth` policy ran.
+    pub identity: Option<crate::auth::Identity>,
+    /// The connection's verified client certificate (TLS `client_auth`).
+    pub client_cert: Option<Arc<crate::tls::ClientIdentity>>,
 }
 
 impl Ctx {

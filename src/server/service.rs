@@ -158,6 +158,9 @@ async fn respond(
         lr.spec.tls.client_identity_header.as_ref(),
         conn.client_identity.as_ref(),
     );
+    // Consumer headers are the gateway's to set (`auth` policy): a client
+    // cannot claim an identity by sending them.
+    snapshot.consumer_headers.strip(req.headers_mut());
 
     let host_header = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
@@ -219,6 +222,8 @@ async fn respond(
         host_header,
         upstream: None,
         trace,
+        identity: None,
+        client_cert: conn.client_identity.clone(),
     };
     let body_limit = route.max_body_bytes.unwrap_or(lr.spec.max_body_bytes);
     if let Some(e) = declared_body_too_large(req.headers(), body_limit) {
@@ -260,6 +265,17 @@ async fn respond(
     };
     if let Some(o) = outcome.as_mut() {
         o.upstream = ctx.upstream;
+        if let Some(id) = &ctx.identity {
+            o.consumer = match &id.consumer {
+                Some(c) => c.slot,
+                None if id.method == crate::auth::Method::Anonymous => crate::metrics::ANONYMOUS,
+                None => crate::auth::consumer::SLOT_OTHER,
+            };
+            if let Some(e) = o.log.as_mut() {
+                e.consumer = id.consumer.as_ref().map(|c| c.id.clone());
+                e.authenticated = id.method != crate::auth::Method::Anonymous;
+            }
+        }
     }
     let (mut resp, error) = match result {
         Ok(r) => (r, None),
