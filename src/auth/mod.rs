@@ -17,6 +17,7 @@
 pub mod apikey;
 pub mod consumer;
 pub mod credential;
+pub mod fetch;
 
 pub use consumer::{Consumer, Consumers};
 

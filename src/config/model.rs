@@ -197,6 +197,10 @@ pub struct JwtIssuer {
     /// Timeout of a JWKS fetch.
     #[serde(default = "defaults::fetch_timeout")]
     pub jwks_timeout: Dur,
+    /// CA bundle (PEM) that verifies an `https://` JWKS URL; default: the
+    /// public web roots.
+    #[serde(default)]
+    pub jwks_ca: Option<String>,
     /// Tolerance for `exp`, `nbf` and `iat`.
     #[serde(default = "defaults::jwt_leeway")]
     pub leeway: Dur,
@@ -242,6 +246,10 @@ pub struct Introspection {
     pub client_secret: String,
     #[serde(default = "defaults::fetch_timeout")]
     pub timeout: Dur,
+    /// CA bundle (PEM) that verifies an `https://` endpoint; default: the
+    /// public web roots.
+    #[serde(default)]
+    pub ca: Option<String>,
     /// Active tokens are cached until their `exp`, at most this long.
     #[serde(default = "defaults::introspection_max_ttl")]
     pub cache_ttl: Dur,
