@@ -56,6 +56,7 @@ enum Which {
     Config,
     Reload,
     OpenApi,
+    ConsumerUsage,
 }
 
 const fn ep(method: &'static str, path: &'static str, auth: bool, which: Which) -> AdminEndpoint {
@@ -79,7 +80,27 @@ pub const ENDPOINTS: &[AdminEndpoint] = &[
     ep("GET", "/config", true, Which::Config),
     ep("POST", "/reload", true, Which::Reload),
     ep("GET", "/openapi.json", true, Which::OpenApi),
+    ep("GET", "/consumers/{id}/usage", true, Which::ConsumerUsage),
 ];
+
+/// Whether `path` matches an endpoint path, where a `{name}` segment
+/// matches one non-empty segment.
+fn path_matches(template: &str, path: &str) -> bool {
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(ts), Some(ps)) if ts.starts_with('{') && ts.ends_with('}') => {
+                if ps.is_empty() {
+                    return false;
+                }
+            }
+            (Some(ts), Some(ps)) if ts == ps => {}
+            _ => return false,
+        }
+    }
+}
 
 /// The OpenAPI 3.1 document of this API (`PORTICO_VERSION` is replaced by
 /// the running version).
@@ -201,7 +222,7 @@ fn answer(
         .with_header(header::CONNECTION, HeaderValue::from_static("close")));
     };
     let path = req.uri().path();
-    let Some(ep) = ENDPOINTS.iter().find(|e| e.path == path) else {
+    let Some(ep) = ENDPOINTS.iter().find(|e| path_matches(e.path, path)) else {
         return Err(GatewayError::new(
             ErrorKind::RouteNotFound,
             format!("no admin endpoint `{path}` (see /openapi.json)"),
@@ -256,6 +277,7 @@ fn answer(
             json_response(StatusCode::OK, &v)
         }
         Which::Reload => return reload(shared),
+        Which::ConsumerUsage => return consumer_usage(shared, &snapshot, path),
         Which::OpenApi => {
             let doc = OPENAPI.replace("PORTICO_VERSION", env!("CARGO_PKG_VERSION"));
             let mut r = Response::new(Body::full(doc));
@@ -266,6 +288,50 @@ fn answer(
             r
         }
     })
+}
+
+/// `/consumers/{id}/usage`: the consumer and its requests by route over
+/// recent windows (`metrics::usage`).
+fn consumer_usage(
+    shared: &Shared,
+    snap: &crate::snapshot::Snapshot,
+    path: &str,
+) -> Result<Response<Body>, GatewayError> {
+    let raw = path
+        .strip_prefix("/consumers/")
+        .and_then(|r| r.strip_suffix("/usage"))
+        .unwrap_or("");
+    let id = crate::router::percent_decode(raw);
+    let (slot, info) = match &*id {
+        "anonymous" => (
+            crate::auth::consumer::SLOT_ANONYMOUS,
+            json!({"id": "anonymous"}),
+        ),
+        "other" => (crate::auth::consumer::SLOT_OTHER, json!({"id": "other"})),
+        _ => match snap.consumers.get(&id) {
+            Some(c) => (
+                c.slot,
+                json!({
+                    "id": &*c.id,
+                    "groups": c.groups.iter().map(|g| &**g).collect::<Vec<_>>(),
+                    "plan": c.plan.as_deref(),
+                }),
+            ),
+            None => {
+                return Err(GatewayError::new(
+                    ErrorKind::RouteNotFound,
+                    format!("no consumer `{id}` in the loaded configuration"),
+                ))
+            }
+        },
+    };
+    let mut v = shared
+        .usage
+        .usage(snap, slot as usize, std::time::Instant::now());
+    if let Value::Object(m) = &mut v {
+        m.insert("consumer".into(), info);
+    }
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 fn no_store(mut r: Response<Body>) -> Response<Body> {
@@ -533,6 +599,22 @@ mod tests {
         assert!(!authorized(Some(&d), &h("s3cret")));
         assert!(!authorized(Some(&d), &HeaderMap::new()));
         assert!(authorized(None, &HeaderMap::new()));
+    }
+
+    #[test]
+    fn endpoint_paths_with_params() {
+        assert!(path_matches(
+            "/consumers/{id}/usage",
+            "/consumers/app/usage"
+        ));
+        assert!(!path_matches("/consumers/{id}/usage", "/consumers//usage"));
+        assert!(!path_matches(
+            "/consumers/{id}/usage",
+            "/consumers/a/b/usage"
+        ));
+        assert!(!path_matches("/consumers/{id}/usage", "/consumers/a"));
+        assert!(path_matches("/status", "/status"));
+        assert!(!path_matches("/status", "/status/"));
     }
 
     #[test]

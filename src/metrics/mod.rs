@@ -24,6 +24,7 @@
 pub mod encode;
 pub mod process;
 pub mod render;
+pub mod usage;
 
 use crate::error::ErrorKind;
 use http::Method;

@@ -60,6 +60,29 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
         }
     }
     e.family(
+        "portico_auth_failures",
+        Kind::Counter,
+        "Requests refused by an auth or access policy, by route, authentication method and reason.",
+    );
+    for r in &routes {
+        for m in crate::auth::Method::ALL {
+            for reason in crate::auth::Reason::ALL {
+                let n = r.auth_failures(m.index(), reason.index());
+                if n > 0 {
+                    e.counter(
+                        "portico_auth_failures",
+                        &[
+                            ("route", &r.name),
+                            ("method", m.as_str()),
+                            ("reason", reason.as_str()),
+                        ],
+                        n,
+                    );
+                }
+            }
+        }
+    }
+    e.family(
         "portico_requests_cancelled",
         Kind::Counter,
         "Requests whose client went away before the response headers, by route.",

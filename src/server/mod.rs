@@ -96,6 +96,8 @@ pub struct Shared {
     pub access_log: crate::access_log::Attach,
     pub started_at: SystemTime,
     started: Instant,
+    /// Per-consumer request counts over recent windows (admin API).
+    pub usage: crate::metrics::usage::UsageHistory,
 }
 
 /// Why a reload was rejected (the previous configuration keeps serving).
@@ -463,7 +465,9 @@ pub async fn start_with(
         access_log,
         started_at: SystemTime::now(),
         started: Instant::now(),
+        usage: Default::default(),
     });
+    tokio::spawn(crate::metrics::usage::run(Arc::downgrade(&shared)));
     // The admin listener first: `/readyz` answers (not ready) during start-up.
     if let Some(addr) = admin {
         let listener = take_or_bind(inherited, upgrade::ADMIN_LISTENER, addr).map_err(|e| {
