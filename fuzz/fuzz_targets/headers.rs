@@ -112,7 +112,8 @@ fn run(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
 
     // Forwarded headers: one X-Forwarded-For line ending with the peer.
     let host = h.get(header::HOST).cloned();
-    forward::set_forwarded(&mut h, peer, peer_trusted, tls, host.as_ref());
+    let conn = forward::ConnForwarded::new(peer, tls);
+    forward::set_forwarded(&mut h, &conn, peer_trusted, host.as_ref());
     let xff: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
     assert_eq!(xff.len(), 1);
     let last = xff[0].to_str().unwrap().rsplit(',').next().unwrap().trim();

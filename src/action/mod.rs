@@ -74,9 +74,8 @@ impl Echo {
         h.remove(http::header::EXPECT);
         forward::set_forwarded(
             h,
-            ctx.peer.ip(),
+            &ctx.forwarded,
             ctx.peer_trusted,
-            ctx.tls,
             ctx.host_header.as_ref(),
         );
         h.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());

@@ -35,6 +35,8 @@ pub struct Ctx {
     pub peer_trusted: bool,
     /// Whether the client connection uses TLS.
     pub tls: bool,
+    /// The connection's prebuilt forwarded-header values.
+    pub forwarded: Arc<crate::proxy::forward::ConnForwarded>,
     pub listener: Arc<str>,
     pub route: Arc<str>,
     /// Captured path params (spans of `original_uri`'s path).

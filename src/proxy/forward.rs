@@ -33,65 +33,101 @@ fn connection_has(h: &HeaderMap, token: &str) -> bool {
 /// and `Upgrade` survive (for a WebSocket handshake).
 /// `TE: trailers` is kept: it is how gRPC asks for trailers end to end.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    // Nearly every message has none: one pass over the names (cheap
-    // comparisons, no hashing) instead of a lookup per hop-by-hop name.
-    if !h.keys().any(is_hop_by_hop) {
+    // One pass over the names (cheap comparisons, no hashing) finds which
+    // of them are present; nearly every message has none, or only
+    // `Connection: keep-alive`.
+    let mut present = 0u8;
+    for k in h.keys() {
+        present |= hop_bit(k);
+    }
+    if present == 0 {
         return;
     }
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE) && n != header::TE)
-            .collect();
-        for n in named {
-            h.remove(n);
+    if present & HOP_CONNECTION != 0 {
+        // Every header the Connection header names goes too. Removing by
+        // `&str` parses the name on the stack: no allocation.
+        if h.get_all(header::CONNECTION).iter().nth(1).is_none() {
+            if let Some(v) = h.remove(header::CONNECTION) {
+                remove_named(h, &v, keep_upgrade);
+            }
+        } else {
+            let all: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+            h.remove(header::CONNECTION);
+            for v in &all {
+                remove_named(h, v, keep_upgrade);
+            }
         }
-        h.remove(header::CONNECTION);
         if keep_upgrade {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
     }
-    h.remove(&KEEP_ALIVE);
-    h.remove(&PROXY_CONNECTION);
-    h.remove(header::PROXY_AUTHENTICATE);
-    h.remove(header::PROXY_AUTHORIZATION);
-    h.remove(header::TRANSFER_ENCODING);
+    if present & HOP_OTHER != 0 {
+        h.remove(&KEEP_ALIVE);
+        h.remove(&PROXY_CONNECTION);
+        h.remove(header::PROXY_AUTHENTICATE);
+        h.remove(header::PROXY_AUTHORIZATION);
+        h.remove(header::TRANSFER_ENCODING);
+    }
     // `Trailer` is end to end (RFC 9110 §6.6.2), not hop-by-hop: it declares
     // the trailer fields, and hyper only sends the trailers it names.
-    if !keep_upgrade {
+    if present & HOP_UPGRADE != 0 && !keep_upgrade {
         h.remove(header::UPGRADE);
     }
-    if let Some(te) = h.get(header::TE) {
-        let only_trailers = te
-            .to_str()
-            .map(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-            .unwrap_or(false);
-        if only_trailers {
-            h.insert(header::TE, HeaderValue::from_static("trailers"));
-        } else {
-            h.remove(header::TE);
+    if present & HOP_TE != 0 {
+        if let Some(te) = h.get(header::TE) {
+            let only_trailers = te
+                .to_str()
+                .map(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                })
+                .unwrap_or(false);
+            if only_trailers {
+                h.insert(header::TE, HeaderValue::from_static("trailers"));
+            } else {
+                h.remove(header::TE);
+            }
         }
     }
 }
 
-/// Whether `n` is one of the headers [`strip_hop_by_hop`] removes or rewrites
-/// regardless of `Connection` (which is one of them).
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    n == header::CONNECTION
-        || n == header::TRANSFER_ENCODING
-        || n == header::UPGRADE
-        || n == header::TE
+/// Removes the headers a `Connection` value names (not `TE`, which is
+/// handled by its own rule, nor `Upgrade` when it is kept).
+fn remove_named(h: &mut HeaderMap, v: &HeaderValue, keep_upgrade: bool) {
+    let Ok(s) = v.to_str() else { return };
+    for t in s.split(',').map(str::trim) {
+        let keep =
+            t.eq_ignore_ascii_case("te") || (keep_upgrade && t.eq_ignore_ascii_case("upgrade"));
+        if !keep && !t.is_empty() {
+            h.remove(t);
+        }
+    }
+}
+
+const HOP_CONNECTION: u8 = 1;
+const HOP_UPGRADE: u8 = 2;
+const HOP_TE: u8 = 4;
+const HOP_OTHER: u8 = 8;
+
+/// Which group of hop-by-hop headers `n` belongs to (0: none).
+#[inline]
+fn hop_bit(n: &HeaderName) -> u8 {
+    if n == header::CONNECTION {
+        HOP_CONNECTION
+    } else if n == header::UPGRADE {
+        HOP_UPGRADE
+    } else if n == header::TE {
+        HOP_TE
+    } else if n == header::TRANSFER_ENCODING
         || n == header::PROXY_AUTHENTICATE
         || n == header::PROXY_AUTHORIZATION
         || n == KEEP_ALIVE
         || n == PROXY_CONNECTION
+    {
+        HOP_OTHER
+    } else {
+        0
+    }
 }
 
 /// The real client address: the peer, unless the peer is trusted, in which
@@ -134,32 +170,87 @@ fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
     out
 }
 
+/// What every request of one client connection forwards the same way,
+/// built once per connection: the peer's address as an `X-Forwarded-For`
+/// value, and the last `Forwarded` value with the Host it was built for
+/// (a keep-alive client sends the same Host every time). Used when the
+/// peer is not a trusted proxy; a trusted peer's chains are built per
+/// request.
+pub struct ConnForwarded {
+    peer: IpAddr,
+    tls: bool,
+    xff: HeaderValue,
+    last: std::sync::Mutex<Option<(HeaderValue, HeaderValue)>>,
+}
+
+impl ConnForwarded {
+    pub fn new(peer: IpAddr, tls: bool) -> ConnForwarded {
+        let peer = canonical(peer);
+        let mut ip = Vec::with_capacity(48);
+        push_ip(&mut ip, peer);
+        ConnForwarded {
+            peer,
+            tls,
+            xff: HeaderValue::from_maybe_shared(bytes::Bytes::from(ip))
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `Forwarded` for `host`: the cached value when the Host is the last
+    /// one's, else built (and cached).
+    fn forwarded(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        if let Some(host) = host {
+            if let Ok(g) = self.last.try_lock() {
+                if let Some((h, v)) = &*g {
+                    if h == host {
+                        return Some(v.clone());
+                    }
+                }
+            }
+        }
+        let proto = if self.tls { "https" } else { "http" };
+        let v = forwarded_value(
+            Vec::with_capacity(64),
+            self.peer,
+            self.xff.as_bytes(),
+            proto,
+            host,
+        )?;
+        if let (Some(host), Ok(mut g)) = (host, self.last.try_lock()) {
+            *g = Some((host.clone(), v.clone()));
+        }
+        Some(v)
+    }
+}
+
 /// Sets the forwarded headers for the upstream request.
+///
+/// - `X-Forwarded-For`: the client chain (kept only from a trusted peer)
+///   plus the peer address;
+/// - `X-Forwarded-Proto`, `X-Forwarded-Host`: replaced unless a trusted
+///   peer set them;
+/// - `Forwarded` (RFC 7239): `for=<peer>;proto=<proto>;host=<host>`, appended
+///   to a trusted peer's, else replacing the client's.
 pub fn set_forwarded(
     h: &mut HeaderMap,
-    peer: IpAddr,
+    conn: &ConnForwarded,
     peer_trusted: bool,
-    tls: bool,
     host: Option<&HeaderValue>,
 ) {
-    let peer = canonical(peer);
-    let proto = if tls { "https" } else { "http" };
-    let mut ip = Vec::with_capacity(48);
-    push_ip(&mut ip, peer);
-    // Shared, not copied, when it is the whole X-Forwarded-For value.
-    let ip = bytes::Bytes::from(ip);
+    let proto = if conn.tls { "https" } else { "http" };
 
     // X-Forwarded-For: append to a trusted chain, else start a new one.
     let xff = match peer_trusted.then(|| joined(h, &X_FORWARDED_FOR)).flatten() {
         Some(prev) => {
             let mut prev = prev.into_bytes();
             prev.extend_from_slice(b", ");
-            prev.extend_from_slice(&ip);
-            bytes::Bytes::from(prev)
+            prev.extend_from_slice(conn.xff.as_bytes());
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(prev)).ok()
         }
-        None => ip.clone(),
+        None => Some(conn.xff.clone()),
     };
-    if let Ok(v) = HeaderValue::from_maybe_shared(xff) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !(peer_trusted && h.contains_key(&X_FORWARDED_PROTO)) {
@@ -177,25 +268,38 @@ pub fn set_forwarded(
     }
 
     // Forwarded (RFC 7239).
-    let mut buf = match peer_trusted
+    let fwd = match peer_trusted
         .then(|| joined(h, &header::FORWARDED))
         .flatten()
     {
         Some(prev) => {
             let mut prev = prev.into_bytes();
             prev.extend_from_slice(b", ");
-            prev
+            forwarded_value(prev, conn.peer, conn.xff.as_bytes(), proto, host)
         }
-        None => Vec::with_capacity(64),
+        None => conn.forwarded(host),
     };
+    if let Some(v) = fwd {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+/// Appends `for=...;proto=...;host=...` to `buf` and makes it a value.
+fn forwarded_value(
+    mut buf: Vec<u8>,
+    peer: IpAddr,
+    ip: &[u8],
+    proto: &str,
+    host: Option<&HeaderValue>,
+) -> Option<HeaderValue> {
     match peer {
         IpAddr::V4(_) => {
             buf.extend_from_slice(b"for=");
-            buf.extend_from_slice(&ip);
+            buf.extend_from_slice(ip);
         }
         IpAddr::V6(_) => {
             buf.extend_from_slice(b"for=\"[");
-            buf.extend_from_slice(&ip);
+            buf.extend_from_slice(ip);
             buf.extend_from_slice(b"]\"");
         }
     }
@@ -216,9 +320,7 @@ pub fn set_forwarded(
             buf.push(b'"');
         }
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
-        h.insert(header::FORWARDED, v);
-    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)).ok()
 }
 
 #[cfg(test)]
@@ -275,13 +377,9 @@ mod tests {
         ]);
         let peer: IpAddr = "9.9.9.9".parse().unwrap();
         assert_eq!(client_ip(peer, &h, &CidrSet::default()), peer);
-        set_forwarded(
-            &mut h,
-            peer,
-            false,
-            false,
-            Some(&HeaderValue::from_static("api.test")),
-        );
+        let conn = ConnForwarded::new(peer, false);
+        let host = HeaderValue::from_static("api.test");
+        set_forwarded(&mut h, &conn, false, Some(&host));
         assert_eq!(h.get("x-forwarded-for").unwrap(), "9.9.9.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "api.test");
@@ -289,6 +387,21 @@ mod tests {
             h.get("forwarded").unwrap(),
             "for=9.9.9.9;proto=http;host=api.test"
         );
+        // The connection's cached value serves the next request with the
+        // same Host; another Host gets its own.
+        let mut again = HeaderMap::new();
+        set_forwarded(&mut again, &conn, false, Some(&host));
+        assert_eq!(again["forwarded"], "for=9.9.9.9;proto=http;host=api.test");
+        let other = HeaderValue::from_static("[::1]:8080");
+        set_forwarded(&mut again, &conn, false, Some(&other));
+        assert_eq!(
+            again["forwarded"],
+            "for=9.9.9.9;proto=http;host=\"[::1]:8080\""
+        );
+        assert_eq!(again["x-forwarded-host"], "[::1]:8080");
+        set_forwarded(&mut again, &conn, false, None);
+        assert_eq!(again["forwarded"], "for=9.9.9.9;proto=http");
+        assert!(again.get("x-forwarded-host").is_none());
     }
 
     #[test]
@@ -303,14 +416,14 @@ mod tests {
             client_ip(peer, &h, &trusted),
             "203.0.113.7".parse::<IpAddr>().unwrap()
         );
-        set_forwarded(&mut h, peer, true, false, None);
+        set_forwarded(&mut h, &ConnForwarded::new(peer, false), true, None);
         assert_eq!(
             h.get("x-forwarded-for").unwrap(),
             "203.0.113.7, 10.0.0.2, 10.0.0.1"
         );
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         let v6: IpAddr = "::1".parse().unwrap();
-        set_forwarded(&mut h, v6, false, true, None);
+        set_forwarded(&mut h, &ConnForwarded::new(v6, true), false, None);
         assert_eq!(h.get("forwarded").unwrap(), "for=\"[::1]\";proto=https");
     }
 

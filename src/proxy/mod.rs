@@ -243,9 +243,8 @@ impl ProxyAction {
         headers.remove(header::EXPECT);
         forward::set_forwarded(
             headers,
-            ctx.peer.ip(),
+            &ctx.forwarded,
             ctx.peer_trusted,
-            ctx.tls,
             ctx.host_header.as_ref(),
         );
         headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());

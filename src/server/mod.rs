@@ -565,6 +565,8 @@ pub struct ConnCtx {
     pub client_identity: Option<Arc<crate::tls::ClientIdentity>>,
     /// The listener's connection series.
     pub metrics: Arc<ListenerMetrics>,
+    /// Forwarded-header values shared by the connection's requests.
+    pub forwarded: Arc<crate::proxy::forward::ConnForwarded>,
 }
 
 /// Open connections of one listener, in total and per client IP.
@@ -681,6 +683,10 @@ async fn accept_loop(
                     tls: false,
                     client_identity: None,
                     metrics: metrics.clone(),
+                    forwarded: Arc::new(crate::proxy::forward::ConnForwarded::new(
+                        peer.ip(),
+                        false,
+                    )),
                 });
                 tokio::spawn(async move {
                     let h2 = spec.http2 && sniff_h2c(&stream, spec.header_read_timeout).await;
@@ -727,6 +733,7 @@ async fn serve_tls(
         tls: true,
         client_identity: accepted.identity,
         metrics,
+        forwarded: Arc::new(crate::proxy::forward::ConnForwarded::new(peer.ip(), true)),
     });
     let h2 = matches!(accepted.alpn, crate::tls::Alpn::H2);
     serve_connection(accepted.stream, ctx, spec, permit, h2).await

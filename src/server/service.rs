@@ -215,6 +215,7 @@ async fn respond(
         client_ip,
         peer_trusted,
         tls: conn.tls,
+        forwarded: conn.forwarded.clone(),
         listener: conn.listener.clone(),
         route: route.name.clone(),
         captures: matched.captures,
