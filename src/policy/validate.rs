@@ -400,17 +400,24 @@ pub(crate) fn schema_errors(
         if out.len() >= MAX_DETAILS {
             return;
         }
+        use jsonschema::error::ValidationErrorKind as K;
         let mut pointer = e.instance_path().as_str().to_string();
         let mut reason = Bounded::new(MAX_REASON);
-        if let jsonschema::error::ValidationErrorKind::Required { property } = e.kind() {
-            // Point at the missing member itself.
-            pointer.push('/');
-            let name = property.as_str().unwrap_or("");
-            pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
-            reason.0.push_str("is required");
-        } else {
+        match e.kind() {
+            K::Required { property } => {
+                // Point at the missing member itself.
+                pointer.push('/');
+                let name = property.as_str().unwrap_or("");
+                pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
+                reason.0.push_str("is required");
+            }
+            // Not quoted: a pattern or a sub-schema is the schema's business.
+            K::Pattern { .. } => reason.0.push_str("does not match the required pattern"),
+            K::Not { .. } => reason.0.push_str("matches a schema it must not"),
             // Masked: the message never quotes the client's value.
-            let _ = write!(reason, "{}", e.masked());
+            _ => {
+                let _ = write!(reason, "{}", e.masked());
+            }
         }
         out.push(entry(pointer, reason.0));
     }

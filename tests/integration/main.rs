@@ -25,6 +25,7 @@ mod smoke {
 mod access_log;
 mod balancing;
 mod config_cli;
+mod cors_validation;
 mod grpc;
 mod hardening_h2;
 mod hardening_http;
