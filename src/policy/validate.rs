@@ -517,6 +517,18 @@ mod tests {
         let mut out = Vec::new();
         schema_errors(
             &v,
+            &json!({"user": {"email": 5, "a/b": 1}}),
+            &mut out,
+            |p, r| json!({"pointer": p, "reason": r}),
+        );
+        // The wording docs/access-control.md shows.
+        assert_eq!(
+            out,
+            vec![json!({"pointer": "/user/email", "reason": "value is not of type \"string\""})]
+        );
+        let mut out = Vec::new();
+        schema_errors(
+            &v,
             &json!({"user": {}}),
             &mut out,
             |p, r| json!({"pointer": p, "reason": r}),
