@@ -967,6 +967,53 @@ components:
     }
 
     #[test]
+    fn a_document_is_compiled_once_per_cache() {
+        let dir =
+            std::env::temp_dir().join(format!("portico-openapi-cache-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("api.yaml"), API).unwrap();
+        let consumers = Arc::new(crate::auth::Consumers::default());
+        let headers = Arc::new(crate::policy::compile::consumer_headers(
+            &Default::default(),
+            &mut |_, _| {},
+        ));
+        let metrics = Arc::new(crate::metrics::RouteMetrics::new("r".into()));
+        let cache = crate::policy::compile::Cache::default();
+        let env = Env {
+            consumers: &consumers,
+            consumer_headers: &headers,
+            metrics: &metrics,
+            base: &dir,
+            cache: &cache,
+        };
+        let cfg = |spec: &str| model::OpenApiPolicy {
+            spec: spec.into(),
+            base_path: None,
+            reject_unknown: true,
+            max_body: crate::config::units::Size(1024),
+        };
+        let mut errors = Vec::new();
+        let a = compile("a", &cfg("api.yaml"), &env, &mut |k, m| errors.push((k, m))).unwrap();
+        // Another spelling of the same file: the same compiled document.
+        let b = compile("b", &cfg("sub/../api.yaml"), &env, &mut |k, m| {
+            errors.push((k, m))
+        })
+        .unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(Arc::ptr_eq(&a.doc, &b.doc));
+        assert_eq!(cache.openapi.borrow().len(), 1);
+        // A fresh cache (the next snapshot) compiles it again.
+        let cache2 = crate::policy::compile::Cache::default();
+        let env2 = Env {
+            cache: &cache2,
+            ..env
+        };
+        let c = compile("c", &cfg("api.yaml"), &env2, &mut |_, _| {}).unwrap();
+        assert!(!Arc::ptr_eq(&a.doc, &c.doc));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn fragments_are_uri_safe() {
         assert_eq!(
             fragment("/paths/~1users~1{id}/get"),
