@@ -153,6 +153,16 @@ impl ClientBody {
         self
     }
 
+    /// Lowers the limit to `max` bytes (a policy's own, smaller limit);
+    /// a larger `max` changes nothing. Bytes already read still count.
+    pub fn lower_limit(&mut self, max: u64) {
+        if max < self.limit {
+            let read = self.limit - self.remaining;
+            self.limit = max.max(read);
+            self.remaining = max.saturating_sub(read);
+        }
+    }
+
     /// Sets `done` once the body has been read to its end.
     pub fn track(&mut self, done: Arc<BodyDone>) {
         self.done = Some(done);

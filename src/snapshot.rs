@@ -295,6 +295,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         consumers: &consumers,
         consumer_headers: &consumer_headers,
         base: tls_base(loaded),
+        cache: Default::default(),
     };
 
     // ---- routes
@@ -387,6 +388,8 @@ struct Shared<'a> {
     consumers: &'a Arc<crate::auth::Consumers>,
     consumer_headers: &'a Arc<crate::policy::auth::ConsumerHeaderNames>,
     base: std::path::PathBuf,
+    /// Files compiled once for all the routes that name them (OpenAPI documents).
+    cache: crate::policy::compile::Cache,
 }
 
 /// `admin`: a bearer token is required unless the address is loopback.
@@ -963,11 +966,14 @@ fn compile_route(
             .enumerate()
             .map(|(j, pol)| (format!("{p}.policies[{j}]"), pol)),
     );
+    // A route with CORS also takes the preflights of its methods.
+    conds.preflight = steps.iter().any(|(_, pol)| pol.cors.is_some());
     let env = crate::policy::compile::Env {
         consumers: shared.consumers,
         consumer_headers: shared.consumer_headers,
         metrics: &metrics,
         base: &shared.base,
+        cache: &shared.cache,
     };
     let mut policies: Vec<Box<dyn Policy>> = Vec::new();
     for (pp, pol) in steps {

@@ -794,6 +794,7 @@ pub struct Policy {
     /// Whether the caller may: consumers, groups, scopes, roles, claims, IPs.
     #[serde(default)]
     pub access: Option<AccessPolicy>,
+    /// Cross-origin requests: preflights answered, CORS response headers.
     #[serde(default)]
     pub cors: Option<CorsPolicy>,
     /// Body size, content type and JSON Schema of the request.
@@ -926,29 +927,37 @@ pub struct AccessPolicy {
     pub ip_deny: Vec<String>,
 }
 
+/// Cross-origin resource sharing (docs/access-control.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CorsPolicy {
-    /// Exact origins (`https://app.example.com`), `*`, or patterns with one
-    /// `*` label (`https://*.example.com`).
+    /// Exact origins (`https://app.example.com`), `*` (alone), or patterns
+    /// whose first host label is `*` (`https://*.example.com`: one or more
+    /// labels before `.example.com`, never `example.com` itself).
     pub allow_origins: Vec<String>,
+    /// Methods a preflight may ask for.
     #[serde(default = "defaults::cors_methods")]
     pub allow_methods: Vec<String>,
-    /// Request headers allowed in the actual request; `*` = any.
+    /// Request headers a preflight may ask for; `*` = any.
     #[serde(default)]
     pub allow_headers: Vec<String>,
+    /// Response headers the browser lets the page read.
     #[serde(default)]
     pub expose_headers: Vec<String>,
+    /// Allow cookies and HTTP authentication (`Access-Control-Allow-Credentials`).
     #[serde(default)]
     pub allow_credentials: bool,
+    /// How long a browser may cache a preflight answer (`Access-Control-Max-Age`).
     #[serde(default)]
     pub max_age: Option<Dur>,
 }
 
+/// Request checks before the action (docs/access-control.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ValidatePolicy {
-    /// Largest request body.
+    /// Largest request body. Without it: 1 MiB when a JSON Schema is set
+    /// (the body is read to be validated), else only the route's limit.
     #[serde(default)]
     pub max_body: Option<Size>,
     /// Allowed media types (`application/json`, `text/*`) of requests with a body.
@@ -957,11 +966,15 @@ pub struct ValidatePolicy {
     /// JSON Schema the request body must satisfy (inline).
     #[serde(default)]
     pub json_schema: Option<serde_json::Value>,
-    /// JSON Schema in a file (JSON or YAML).
+    /// JSON Schema in a file (JSON or YAML), relative to the config file.
     #[serde(default)]
     pub json_schema_file: Option<String>,
+    /// Refuse requests without a body (400 `validation_failed`).
+    #[serde(default)]
+    pub require_body: bool,
 }
 
+/// Validate requests against an OpenAPI 3 document (docs/access-control.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OpenApiPolicy {
@@ -970,10 +983,11 @@ pub struct OpenApiPolicy {
     /// Prefix of the request path before the document's paths (`/api`).
     #[serde(default)]
     pub base_path: Option<String>,
-    /// Requests that match no operation of the document: refused (404) or passed.
+    /// Requests that match no operation of the document: refused (404, or
+    /// 405 when only the method is unknown) or passed unchecked.
     #[serde(default = "defaults::yes")]
     pub reject_unknown: bool,
-    /// Largest body read for validation.
+    /// Largest JSON body read for validation.
     #[serde(default = "defaults::validate_max_body")]
     pub max_body: Size,
 }

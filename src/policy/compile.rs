@@ -12,7 +12,9 @@ use crate::auth::{Authenticator, Consumers};
 use crate::config::model;
 use crate::metrics::RouteMetrics;
 use http::HeaderName;
-use std::path::Path;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// What a policy may be compiled against.
@@ -23,6 +25,16 @@ pub struct Env<'a> {
     pub metrics: &'a Arc<RouteMetrics>,
     /// Directory of the configuration file: relative paths start here.
     pub base: &'a Path,
+    /// What one compile shares between routes.
+    pub cache: &'a Cache,
+}
+
+/// Files compiled once per snapshot however many routes (or route groups)
+/// name them: OpenAPI documents by canonical path, with the error a broken
+/// one gave (reported again at each key that names it).
+#[derive(Default)]
+pub struct Cache {
+    pub openapi: RefCell<HashMap<PathBuf, Result<Arc<super::openapi::Document>, String>>>,
 }
 
 /// Reports a problem at a key path.
@@ -37,17 +49,17 @@ pub fn compile(p: &str, pol: &model::Policy, env: &Env, err: Err) -> Option<Box<
     if pol.access.is_some() {
         err(format!("{p}.access"), "not available in this build".into());
     }
-    if pol.cors.is_some() {
-        err(format!("{p}.cors"), "not available in this build".into());
+    if let Some(c) = &pol.cors {
+        return super::cors::compile(&format!("{p}.cors"), c, err)
+            .map(|x| Box::new(x) as Box<dyn Policy>);
     }
-    if pol.validate.is_some() {
-        err(
-            format!("{p}.validate"),
-            "not available in this build".into(),
-        );
+    if let Some(v) = &pol.validate {
+        return super::validate::compile(&format!("{p}.validate"), v, env, err)
+            .map(|x| Box::new(x) as Box<dyn Policy>);
     }
-    if pol.openapi.is_some() {
-        err(format!("{p}.openapi"), "not available in this build".into());
+    if let Some(o) = &pol.openapi {
+        return super::openapi::compile(&format!("{p}.openapi"), o, env, err)
+            .map(|x| Box::new(x) as Box<dyn Policy>);
     }
     None
 }

@@ -11,7 +11,10 @@
 
 pub mod auth;
 pub mod compile;
+pub mod cors;
 pub mod headers;
+pub mod openapi;
+pub mod validate;
 
 use crate::body::Body;
 use crate::error::GatewayError;
@@ -54,6 +57,8 @@ pub struct Ctx {
     pub identity: Option<crate::auth::Identity>,
     /// The connection's verified client certificate (TLS `client_auth`).
     pub client_cert: Option<Arc<crate::tls::ClientIdentity>>,
+    /// What a `cors` policy decided, for its `on_response`.
+    pub cors: Option<cors::Seen>,
 }
 
 impl Ctx {

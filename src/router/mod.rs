@@ -29,6 +29,11 @@ pub struct Conditions {
     pub methods: Vec<Method>,
     pub headers: Vec<(http::HeaderName, ValueCond)>,
     pub query: Vec<(String, ValueCond)>,
+    /// The route answers CORS preflights (it has a `cors` policy): an
+    /// `OPTIONS` request with `Origin` and `Access-Control-Request-Method`
+    /// passes the method condition when the method it asks for does, so the
+    /// preflight reaches the route its actual request will.
+    pub preflight: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -70,7 +75,10 @@ impl Conditions {
 
     /// Whether the request satisfies every condition.
     pub fn test(&self, method: &Method, headers: &HeaderMap, query: Option<&str>) -> bool {
-        if !self.methods.is_empty() && !self.methods.contains(method) {
+        let method_ok = self.methods.is_empty()
+            || self.methods.contains(method)
+            || (self.preflight && self.preflight_for(method, headers));
+        if !method_ok {
             return false;
         }
         // `exact` holds only when every value of a repeated header or
@@ -118,12 +126,34 @@ impl Conditions {
         true
     }
 
+    /// Whether `method` and `headers` are a CORS preflight for one of the
+    /// route's methods (only asked when the method itself did not match).
+    #[cold]
+    fn preflight_for(&self, method: &Method, headers: &HeaderMap) -> bool {
+        if method != Method::OPTIONS || !headers.contains_key(http::header::ORIGIN) {
+            return false;
+        }
+        headers
+            .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+            .is_some_and(|v| {
+                self.methods
+                    .iter()
+                    .any(|m| m.as_str().as_bytes() == v.as_bytes())
+            })
+    }
+
     /// True when no request can satisfy both condition sets.
     pub fn disjoint(&self, other: &Conditions) -> bool {
-        if !self.methods.is_empty()
-            && !other.methods.is_empty()
-            && !self.methods.iter().any(|m| other.methods.contains(m))
-        {
+        // A preflight route also takes `OPTIONS` (for its own methods): it
+        // overlaps a route that lists `OPTIONS`; two preflight routes
+        // overlap only where their methods do.
+        let options = |c: &Conditions| c.methods.contains(&Method::OPTIONS);
+        let overlap = self.methods.is_empty()
+            || other.methods.is_empty()
+            || self.methods.iter().any(|m| other.methods.contains(m))
+            || (self.preflight && options(other))
+            || (other.preflight && options(self));
+        if !overlap {
             return true;
         }
         let hdr = self.headers.iter().any(|(n, c)| {

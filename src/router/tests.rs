@@ -1465,3 +1465,60 @@ fn config_routes_follow_precedence() {
         );
     }
 }
+
+// ------------------------------------------------------------------ CORS preflight
+
+fn preflight_headers(origin: bool, method: &'static str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if origin {
+        h.insert("origin", HeaderValue::from_static("https://app.example"));
+    }
+    h.insert(
+        "access-control-request-method",
+        HeaderValue::from_static(method),
+    );
+    h
+}
+
+#[test]
+fn preflight_reaches_the_route_of_its_actual_request() {
+    let mut post = path("/users").method("POST").conds;
+    post.preflight = true;
+    let mut get = path("/users").method("GET").conds;
+    get.preflight = true;
+    let opts = Method::OPTIONS;
+    assert!(post.test(&opts, &preflight_headers(true, "POST"), None));
+    assert!(!post.test(&opts, &preflight_headers(true, "GET"), None));
+    assert!(get.test(&opts, &preflight_headers(true, "GET"), None));
+    // Not a preflight: no Origin, or not OPTIONS.
+    assert!(!post.test(&opts, &preflight_headers(false, "POST"), None));
+    assert!(!post.test(&Method::PUT, &preflight_headers(true, "POST"), None));
+    // Without a cors policy the method condition is plain.
+    let plain = path("/users").method("POST").conds;
+    assert!(!plain.test(&opts, &preflight_headers(true, "POST"), None));
+    // Routes on different methods stay disjoint; one that lists OPTIONS
+    // does not (a preflight matches both).
+    assert!(post.disjoint(&get));
+    let options = path("/users").method("OPTIONS").conds;
+    assert!(!post.disjoint(&options));
+    assert!(!options.disjoint(&post));
+    assert!(plain.disjoint(&options));
+
+    let mut b = RouterBuilder::default();
+    b.add(&[], &Pattern::parse("/users").unwrap(), 0, get);
+    b.add(&[], &Pattern::parse("/users").unwrap(), 0, post);
+    let r = b.build();
+    let find = |h: &HeaderMap| {
+        r.find(&RequestView {
+            host: "",
+            path: "/users",
+            query: None,
+            method: &Method::OPTIONS,
+            headers: h,
+        })
+        .map(|m| m.route)
+    };
+    assert_eq!(find(&preflight_headers(true, "GET")), Some(0));
+    assert_eq!(find(&preflight_headers(true, "POST")), Some(1));
+    assert_eq!(find(&preflight_headers(true, "DELETE")), None);
+}

@@ -337,6 +337,11 @@ fn documentation_examples_validate() {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("portico-doc-examples-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Examples name files under `examples/` as if the configuration sat
+    // at the repository's root.
+    let link = dir.join("examples");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(root.join("examples"), &link).unwrap();
     let mut checked = 0;
     for doc in std::fs::read_dir(root.join("docs")).unwrap() {
         let path = doc.unwrap().path();

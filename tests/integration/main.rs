@@ -26,6 +26,7 @@ mod access_log;
 mod auth_keys;
 mod balancing;
 mod config_cli;
+mod cors_validation;
 mod grpc;
 mod hardening_h2;
 mod hardening_http;
