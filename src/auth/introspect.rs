@@ -549,6 +549,93 @@ mod tests {
         );
     }
 
+    /// A loopback endpoint answering every call with `answer`; counts calls.
+    async fn endpoint(answer: &'static str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use http_body_util::{BodyExt, Full};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            async move {
+                                let _ = req.into_body().collect().await;
+                                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                    Bytes::from_static(answer.as_bytes()),
+                                )))
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}/introspect"), calls)
+    }
+
+    fn server_at(url: &str) -> Arc<IntrospectionServer> {
+        let s = spec(&format!(
+            "{{name: idp, url: '{url}', client_id: gw, client_secret: s}}"
+        ));
+        compile(&s, "${S}", None).0.unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_lookups_of_one_token_make_one_call() {
+        let (url, calls) = endpoint(r#"{"active":true,"scope":"read","sub":"u"}"#).await;
+        let s = server_at(&url);
+        let key = [7u8; 32];
+        // On one thread, all three are polled (and find the first one's
+        // call in `flights`) before the call's task runs.
+        let (a, b, c) = tokio::join!(
+            s.clone().lookup(key, "t".into()),
+            s.clone().lookup(key, "t".into()),
+            s.clone().lookup(key, "t".into()),
+        );
+        for out in [a, b, c] {
+            let Ok(Verdict::Active(p)) = out else {
+                panic!("active: {out:?}")
+            };
+            assert_eq!(p.subject.as_deref(), Some("u"));
+            assert!(p.has_scope("read"));
+            assert_eq!(&*p.issuer, "idp");
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(s.flights.lock().unwrap().is_empty());
+        assert_eq!(s.cached_entries(), 1);
+        assert!(s.clone().lookup(key, "t".into()).await.is_ok());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn active_answers_are_cached_no_longer_than_their_exp() {
+        let s = server_at("http://127.0.0.1:9/");
+        let soon = now_secs() + 2;
+        let p = Principal {
+            expires_at: Some(soon),
+            ..Default::default()
+        };
+        s.remember([1; 32], &Ok(Verdict::Active(Arc::new(p))));
+        let now = crate::clock::now_ms();
+        assert!(s.cache.get(&[1; 32], now).is_some());
+        assert!(s.cache.get(&[1; 32], now + 2_100).is_none());
+        // Without `exp`: `cache_ttl` (300 s by default).
+        s.remember([2; 32], &Ok(Verdict::Active(Arc::default())));
+        assert!(s.cache.get(&[2; 32], now + 299_000).is_some());
+        assert!(s.cache.get(&[2; 32], now + 301_000).is_none());
+        // Failures are not remembered.
+        s.remember([3; 32], &Err("down".into()));
+        assert!(s.cache.get(&[3; 32], now).is_none());
+    }
+
     #[test]
     fn an_unchanged_server_is_kept_across_recompiles() {
         let (a, _) = compile(&spec(OK), "${S}", None);
