@@ -113,6 +113,9 @@ pub struct Snapshot {
     pub consumers: Arc<crate::auth::Consumers>,
     /// `auth.consumer_headers`: removed from every client request.
     pub consumer_headers: Arc<crate::policy::auth::ConsumerHeaderNames>,
+    /// `auth.introspection` servers by name (each kept across reloads,
+    /// with its token cache and connections, while its entry is unchanged).
+    pub introspection: HashMap<String, Arc<crate::auth::introspect::IntrospectionServer>>,
     pub config: model::Config,
 }
 
@@ -282,6 +285,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         &cfg.auth.consumer_headers,
         &mut |p, m| c.err(p, m),
     ));
+    let introspection = compile_introspection(&mut c, cfg, &consumers, previous);
     let mut group_names = HashSet::new();
     for (i, g) in cfg.route_groups.iter().enumerate() {
         if !group_names.insert(g.name.as_str()) {
@@ -296,6 +300,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         consumer_headers: &consumer_headers,
         base: tls_base(loaded),
         cache: Default::default(),
+        introspection: &introspection,
     };
 
     // ---- routes
@@ -379,6 +384,10 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         tracer,
         consumers,
         consumer_headers,
+        introspection: introspection
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect(),
         config: cfg.clone(),
     })
 }
@@ -390,6 +399,53 @@ struct Shared<'a> {
     base: std::path::PathBuf,
     /// Files compiled once for all the routes that name them (OpenAPI documents).
     cache: crate::policy::compile::Cache,
+    /// `None`: declared, but it did not compile (already reported).
+    introspection: &'a HashMap<String, Option<Arc<crate::auth::introspect::IntrospectionServer>>>,
+}
+
+/// `auth.introspection`: each server once per snapshot, before the routes
+/// that use it; an unchanged one is taken from `previous` (cache and
+/// connections kept). No network I/O.
+fn compile_introspection(
+    c: &mut Compiler,
+    cfg: &model::Config,
+    consumers: &crate::auth::Consumers,
+    previous: Option<&Snapshot>,
+) -> HashMap<String, Option<Arc<crate::auth::introspect::IntrospectionServer>>> {
+    let mut out = HashMap::new();
+    let base = tls_base(c.loaded);
+    for (i, spec) in cfg.auth.introspection.iter().enumerate() {
+        let p = format!("auth.introspection[{i}]");
+        if out.contains_key(&spec.name) {
+            c.err(
+                format!("{p}.name"),
+                format!("duplicate introspection server name `{}`", spec.name),
+            );
+            continue;
+        }
+        if spec.consumer_claim.is_some() && consumers.is_empty() {
+            c.err(
+                format!("{p}.consumer_claim"),
+                "no consumers are configured, so no token can name one",
+            );
+        }
+        let loaded = c.loaded;
+        let mut errs = Vec::new();
+        let server = crate::auth::introspect::IntrospectionServer::compile(
+            &p,
+            spec,
+            cfg.auth.token_cache_size,
+            &base,
+            |k| loaded.raw_line(k),
+            previous.and_then(|s| s.introspection.get(&spec.name)),
+            |k, m| errs.push((k, m)),
+        );
+        for (k, m) in errs {
+            c.err(k, m);
+        }
+        out.insert(spec.name.clone(), server);
+    }
+    out
 }
 
 /// `admin`: a bearer token is required unless the address is loopback.
@@ -968,15 +1024,21 @@ fn compile_route(
     );
     // A route with CORS also takes the preflights of its methods.
     conds.preflight = steps.iter().any(|(_, pol)| pol.cors.is_some());
-    let env = crate::policy::compile::Env {
-        consumers: shared.consumers,
-        consumer_headers: shared.consumer_headers,
-        metrics: &metrics,
-        base: &shared.base,
-        cache: &shared.cache,
-    };
     let mut policies: Vec<Box<dyn Policy>> = Vec::new();
+    let mut auth_before: Option<&model::AuthPolicy> = None;
     for (pp, pol) in steps {
+        let env = crate::policy::compile::Env {
+            consumers: shared.consumers,
+            consumer_headers: shared.consumer_headers,
+            metrics: &metrics,
+            base: &shared.base,
+            introspection: shared.introspection,
+            auth_before,
+            cache: &shared.cache,
+        };
+        if let Some(a) = &pol.auth {
+            auth_before = Some(a);
+        }
         if crate::policy::compile::count(pol) != 1 {
             c.err(
                 pp.clone(),

@@ -18,6 +18,7 @@ pub mod apikey;
 pub mod consumer;
 pub mod credential;
 pub mod fetch;
+pub mod introspect;
 
 pub use consumer::{Consumer, Consumers};
 
@@ -254,8 +255,14 @@ impl AuthFailure {
             e = e.with_status(s);
         }
         let challenge = match (self.scheme, kind) {
-            (Scheme::Certificate, _) | (_, ErrorKind::AuthUnavailable) => None,
-            (Scheme::ApiKey, ErrorKind::Unauthorized) => Some(format!("ApiKey realm=\"{realm}\"")),
+            (Scheme::Certificate, _) => None,
+            // A configured `401` still challenges (RFC 7235 requires it).
+            (_, ErrorKind::AuthUnavailable) if self.status != Some(StatusCode::UNAUTHORIZED) => {
+                None
+            }
+            (Scheme::ApiKey, ErrorKind::Unauthorized | ErrorKind::AuthUnavailable) => {
+                Some(format!("ApiKey realm=\"{realm}\""))
+            }
             (Scheme::ApiKey, _) => None,
             (Scheme::Bearer, _) => {
                 Some(match code {

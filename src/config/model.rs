@@ -256,12 +256,19 @@ pub struct Introspection {
     /// Inactive tokens are remembered this long.
     #[serde(default = "defaults::introspection_inactive_ttl")]
     pub inactive_ttl: Dur,
-    /// The status answered when the endpoint cannot be reached (never allow).
+    /// The status answered (400–599) when the endpoint cannot be reached,
+    /// times out, or answers an error or invalid JSON: the request is
+    /// never let through.
     #[serde(default = "defaults::introspection_unavailable")]
     pub unavailable_status: u16,
-    /// A field of the introspection response naming the consumer.
+    /// A field of the introspection response naming the consumer (e.g.
+    /// `client_id`); an active token whose field names no consumer is
+    /// refused.
     #[serde(default)]
     pub consumer_claim: Option<String>,
+    /// Tokens longer than this are refused without asking the server.
+    #[serde(default = "defaults::max_token_size")]
+    pub max_token_size: Size,
 }
 
 // ---------------------------------------------------------------- route groups

@@ -4,13 +4,16 @@
 //! construction live next to it; this file only dispatches and hands every
 //! policy the shared compiled state it may need ([`Env`]).
 
+use super::access::AccessPolicy;
 use super::auth::{AuthPolicy, ConsumerHeaderNames};
 use super::Policy;
 use crate::auth::apikey::{ApiKeyAuth, MtlsAuth};
 use crate::auth::credential::Source;
-use crate::auth::{Authenticator, Consumers};
+use crate::auth::introspect::{IntrospectionAuth, IntrospectionServer};
+use crate::auth::{Authenticator, Consumers, Scheme};
 use crate::config::model;
 use crate::metrics::RouteMetrics;
+use crate::net::{Cidr, CidrSet};
 use http::HeaderName;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -25,6 +28,12 @@ pub struct Env<'a> {
     pub metrics: &'a Arc<RouteMetrics>,
     /// Directory of the configuration file: relative paths start here.
     pub base: &'a Path,
+    /// `auth.introspection` servers by name (`None`: declared, but it did
+    /// not compile — its error is already reported).
+    pub introspection: &'a HashMap<String, Option<Arc<IntrospectionServer>>>,
+    /// The last `auth` step before this one in the route's chain (group
+    /// steps first), if any: what an `access` step can rely on.
+    pub auth_before: Option<&'a model::AuthPolicy>,
     /// What one compile shares between routes.
     pub cache: &'a Cache,
 }
@@ -46,8 +55,8 @@ pub fn compile(p: &str, pol: &model::Policy, env: &Env, err: Err) -> Option<Box<
     if let Some(a) = &pol.auth {
         return auth(&format!("{p}.auth"), a, env, err).map(|x| Box::new(x) as Box<dyn Policy>);
     }
-    if pol.access.is_some() {
-        err(format!("{p}.access"), "not available in this build".into());
+    if let Some(a) = &pol.access {
+        return access(&format!("{p}.access"), a, env, err).map(|x| Box::new(x) as Box<dyn Policy>);
     }
     if let Some(c) = &pol.cors {
         return super::cors::compile(&format!("{p}.cors"), c, err)
@@ -96,6 +105,8 @@ fn auth(p: &str, a: &model::AuthPolicy, env: &Env, err: Err) -> Option<AuthPolic
     }
     let mut methods: Vec<Box<dyn Authenticator>> = Vec::new();
     let mut kinds = Vec::new();
+    // A method whose shared state failed to compile (reported there).
+    let mut failed_method = false;
     for (i, m) in a.methods.iter().enumerate() {
         let mp = format!("{p}.methods[{i}]");
         let set = [
@@ -156,11 +167,50 @@ fn auth(p: &str, a: &model::AuthPolicy, env: &Env, err: Err) -> Option<AuthPolic
             }));
         } else if m.jwt.is_some() {
             e(format!("{mp}.jwt"), "not available in this build".into());
-        } else if m.introspection.is_some() {
-            e(
-                format!("{mp}.introspection"),
-                "not available in this build".into(),
+        } else if let Some(im) = &m.introspection {
+            let source = Source::from_keys(
+                im.header.as_deref(),
+                im.cookie.as_deref(),
+                im.query.as_deref(),
             );
+            let source = match source {
+                Ok(s) => Some(s),
+                Err(m) => {
+                    e(format!("{mp}.introspection"), m);
+                    None
+                }
+            };
+            let server = match env.introspection.get(&im.server) {
+                Some(s) => s.clone(),
+                None => {
+                    let mut known: Vec<&str> =
+                        env.introspection.keys().map(String::as_str).collect();
+                    known.sort_unstable();
+                    e(
+                        format!("{mp}.introspection.server"),
+                        format!(
+                            "no `auth.introspection` server is named `{}` (known: {})",
+                            im.server,
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    );
+                    None
+                }
+            };
+            kinds.push("introspection");
+            if let (Some(server), Some(source)) = (server, source) {
+                methods.push(Box::new(IntrospectionAuth {
+                    server,
+                    source,
+                    consumers: env.consumers.clone(),
+                }));
+            } else {
+                failed_method = true;
+            }
         }
     }
     for (i, k) in kinds.iter().enumerate() {
@@ -185,7 +235,7 @@ fn auth(p: &str, a: &model::AuthPolicy, env: &Env, err: Err) -> Option<AuthPolic
             ),
         }
     }
-    if failed {
+    if failed || failed_method {
         return None;
     }
     Some(AuthPolicy {
@@ -196,6 +246,122 @@ fn auth(p: &str, a: &model::AuthPolicy, env: &Env, err: Err) -> Option<AuthPolic
         headers: env.consumer_headers.clone(),
         metrics: env.metrics.clone(),
     })
+}
+
+/// The scheme a method challenges with (for an `access` step's `401`).
+fn method_scheme(m: &model::AuthMethod) -> Scheme {
+    if m.api_key.is_some() {
+        Scheme::ApiKey
+    } else if m.mtls.is_some() {
+        Scheme::Certificate
+    } else {
+        Scheme::Bearer
+    }
+}
+
+fn access(p: &str, a: &model::AccessPolicy, env: &Env, err: Err) -> Option<AccessPolicy> {
+    let mut failed = false;
+    let mut e = |k: String, m: String| {
+        failed = true;
+        err(k, m)
+    };
+    let mut cidrs = |key: &str, list: &[String]| {
+        let mut out = Vec::new();
+        for (i, c) in list.iter().enumerate() {
+            match Cidr::parse(c) {
+                Ok(c) => out.push(c),
+                Err(m) => e(format!("{p}.{key}[{i}]"), m),
+            }
+        }
+        CidrSet(out)
+    };
+    let ip_allow = cidrs("ip_allow", &a.ip_allow);
+    let ip_deny = cidrs("ip_deny", &a.ip_deny);
+    for (i, id) in a.consumers.iter().enumerate() {
+        if env.consumers.get(id).is_none() {
+            e(
+                format!("{p}.consumers[{i}]"),
+                format!("no consumer has the id `{id}`"),
+            );
+        }
+    }
+    for (i, g) in a.groups.iter().enumerate() {
+        if !env.consumers.list.iter().any(|c| c.in_group(g)) {
+            e(
+                format!("{p}.groups[{i}]"),
+                format!("no consumer is in group `{g}`"),
+            );
+        }
+    }
+    let mut names = |key: &str, list: &[String]| -> Box<[Box<str>]> {
+        for (i, s) in list.iter().enumerate() {
+            if s.is_empty() {
+                e(format!("{p}.{key}[{i}]"), "must not be empty".into());
+            }
+        }
+        list.iter().map(|s| Box::from(s.as_str())).collect()
+    };
+    let consumers = names("consumers", &a.consumers);
+    let groups = names("groups", &a.groups);
+    let scopes = names("scopes", &a.scopes);
+    let roles = names("roles", &a.roles);
+    if a.roles_claim.is_empty() {
+        e(format!("{p}.roles_claim"), "must not be empty".into());
+    }
+    let mut claims = Vec::new();
+    for (name, v) in &a.claims {
+        let ok = matches!(
+            v,
+            serde_json::Value::String(_)
+                | serde_json::Value::Number(_)
+                | serde_json::Value::Bool(_)
+        );
+        if name.is_empty() {
+            e(
+                format!("{p}.claims"),
+                "a claim name must not be empty".into(),
+            );
+        } else if !ok {
+            e(
+                format!("{p}.claims.{name}"),
+                "must be a string, a number or a boolean".into(),
+            );
+        } else {
+            claims.push((Box::from(name.as_str()), v.clone()));
+        }
+    }
+    let policy = AccessPolicy {
+        ip_deny,
+        ip_allow,
+        consumers,
+        groups,
+        scopes,
+        roles,
+        roles_claim: a.roles_claim.as_str().into(),
+        claims: claims.into_boxed_slice(),
+        challenge: env
+            .auth_before
+            .and_then(|x| x.methods.first())
+            .map_or(Scheme::Bearer, method_scheme),
+        metrics: env.metrics.clone(),
+    };
+    if policy.ip_allow.is_empty() && policy.ip_deny.is_empty() && !policy.needs_identity() {
+        e(
+            p.to_string(),
+            "names no rule (give consumers, groups, scopes, roles, claims, ip_allow or ip_deny)"
+                .into(),
+        );
+    }
+    if policy.needs_identity() && env.auth_before.is_none() {
+        e(
+            p.to_string(),
+            "its consumers, groups, scopes, roles or claims rules need an identity, but no `auth` step runs before it (put an `auth` step first, in the route or its group; `ip_allow`/`ip_deny` alone need none)".into(),
+        );
+    }
+    if failed {
+        return None;
+    }
+    Some(policy)
 }
 
 /// Headers a claim may not be mapped to (hop-by-hop, framing, host).

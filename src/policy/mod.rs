@@ -9,6 +9,7 @@
 //! Synchronous policies return [`Step::Ready`] and cost no allocation;
 //! policies that must wait (a key fetch, a Redis call) return a boxed future.
 
+pub mod access;
 pub mod auth;
 pub mod compile;
 pub mod cors;

@@ -22,6 +22,7 @@ mod smoke {
     }
 }
 
+mod access;
 mod access_log;
 mod auth_keys;
 mod balancing;
@@ -31,6 +32,7 @@ mod grpc;
 mod hardening_h2;
 mod hardening_http;
 mod http2;
+mod introspection;
 mod lifecycle;
 mod limits;
 mod observability;

@@ -14,6 +14,7 @@ pub mod conn;
 pub mod grpc;
 pub mod h2;
 pub mod h2raw;
+pub mod introspection;
 pub mod live;
 pub mod metrics;
 pub mod tls;
