@@ -190,6 +190,11 @@ mod tests {
             trace: None,
             identity,
             client_cert: None,
+            cors: None,
+            forwarded: Arc::new(crate::proxy::forward::ConnForwarded::new(
+                "127.0.0.1".parse().unwrap(),
+                false,
+            )),
         }
     }
 

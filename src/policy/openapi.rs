@@ -985,6 +985,8 @@ components:
             metrics: &metrics,
             base: &dir,
             cache: &cache,
+            introspection: &Default::default(),
+            auth_before: None,
         };
         let cfg = |spec: &str| model::OpenApiPolicy {
             spec: spec.into(),
