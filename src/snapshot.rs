@@ -113,6 +113,10 @@ pub struct Snapshot {
     pub consumers: Arc<crate::auth::Consumers>,
     /// `auth.consumer_headers`: removed from every client request.
     pub consumer_headers: Arc<crate::policy::auth::ConsumerHeaderNames>,
+    /// `auth.jwt_issuers` (unchanged ones kept across reloads, with their
+    /// fetched keys and token caches); their JWKS tasks are started by the
+    /// server once the snapshot is published.
+    pub jwt_issuers: Arc<crate::auth::jwt::Issuers>,
     pub config: model::Config,
 }
 
@@ -282,6 +286,14 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         &cfg.auth.consumer_headers,
         &mut |p, m| c.err(p, m),
     ));
+    let jwt_issuers = Arc::new(crate::auth::jwt::Issuers::compile(
+        &cfg.auth,
+        previous.map(|s| &*s.jwt_issuers),
+        &consumers,
+        &tls_base(loaded),
+        &mut |p, m| c.err(p, m),
+        &|p| loaded.raw_line(p),
+    ));
     let mut group_names = HashSet::new();
     for (i, g) in cfg.route_groups.iter().enumerate() {
         if !group_names.insert(g.name.as_str()) {
@@ -294,6 +306,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
     let shared = Shared {
         consumers: &consumers,
         consumer_headers: &consumer_headers,
+        jwt_issuers: &jwt_issuers,
         base: tls_base(loaded),
     };
 
@@ -378,6 +391,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         tracer,
         consumers,
         consumer_headers,
+        jwt_issuers,
         config: cfg.clone(),
     })
 }
@@ -386,6 +400,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
 struct Shared<'a> {
     consumers: &'a Arc<crate::auth::Consumers>,
     consumer_headers: &'a Arc<crate::policy::auth::ConsumerHeaderNames>,
+    jwt_issuers: &'a Arc<crate::auth::jwt::Issuers>,
     base: std::path::PathBuf,
 }
 
@@ -968,6 +983,7 @@ fn compile_route(
         consumer_headers: shared.consumer_headers,
         metrics: &metrics,
         base: &shared.base,
+        jwt_issuers: shared.jwt_issuers,
     };
     let mut policies: Vec<Box<dyn Policy>> = Vec::new();
     for (pp, pol) in steps {

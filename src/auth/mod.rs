@@ -18,6 +18,7 @@ pub mod apikey;
 pub mod consumer;
 pub mod credential;
 pub mod fetch;
+pub mod jwt;
 
 pub use consumer::{Consumer, Consumers};
 
