@@ -29,6 +29,7 @@ mod grpc;
 mod hardening_h2;
 mod hardening_http;
 mod http2;
+mod jwt;
 mod lifecycle;
 mod limits;
 mod observability;

@@ -385,10 +385,24 @@ impl Authenticator for JwtAuth {
     }
 
     fn authenticate(&self, req: &Request<Body>, _ctx: &Ctx) -> AttemptStep {
-        let inner = &self.inner;
-        let Some(token) = inner.source.find(req) else {
-            return AttemptStep::Ready(Attempt::Absent);
-        };
+        match self.inner.source.find(req) {
+            None => AttemptStep::Ready(Attempt::Absent),
+            Some(token) => Inner::attempt(&self.inner, token),
+        }
+    }
+
+    fn strip(&self, req: &mut Request<Body>) {
+        self.inner.source.strip(req);
+    }
+
+    fn scheme(&self) -> Scheme {
+        Scheme::Bearer
+    }
+}
+
+impl Inner {
+    /// Checks a token found in the request.
+    fn attempt(inner: &Arc<Inner>, token: std::borrow::Cow<'_, str>) -> AttemptStep {
         if token.len() > inner.max_size {
             return AttemptStep::Ready(Attempt::Refused(refused(Reason::TooLarge).detail(
                 format!("{} bytes, more than {}", token.len(), inner.max_size),
@@ -423,14 +437,6 @@ impl Authenticator for JwtAuth {
                 }))
             }
         }
-    }
-
-    fn strip(&self, req: &mut Request<Body>) {
-        self.inner.source.strip(req);
-    }
-
-    fn scheme(&self) -> Scheme {
-        Scheme::Bearer
     }
 }
 

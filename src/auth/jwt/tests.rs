@@ -322,3 +322,44 @@ fn unchanged_issuers_are_kept_across_compiles() {
     assert!(!Arc::ptr_eq(&two.list[0], &three.list[0]));
     assert!(Arc::ptr_eq(&two.list[0].stats, &three.list[0].stats));
 }
+
+#[test]
+fn opaque_tokens_are_left_to_introspection_when_it_reads_the_same_source() {
+    let is = hs_issuer("");
+    let alone = method(&is);
+    let with_introspection = JwtAuth::new(
+        Source::Bearer,
+        is.list.clone(),
+        Arc::new(Consumers::default()),
+        true,
+    );
+    let attempt = |m: &JwtAuth, t: &str| match Inner::attempt(&m.inner, t.into()) {
+        AttemptStep::Ready(a) => a,
+        AttemptStep::Wait(_) => panic!("no JWKS here"),
+    };
+    assert!(matches!(
+        attempt(&alone, "opaque"),
+        Attempt::Refused(AuthFailure {
+            reason: Reason::Malformed,
+            ..
+        })
+    ));
+    assert!(matches!(
+        attempt(&with_introspection, "opaque"),
+        Attempt::Absent
+    ));
+    // A JWT-shaped token is still the JWT method's to decide.
+    assert!(matches!(
+        attempt(&with_introspection, "a.b.c"),
+        Attempt::Refused(AuthFailure {
+            reason: Reason::Malformed,
+            ..
+        })
+    ));
+    let mut c = good();
+    c["exp"] = json!(now() + 60);
+    assert!(matches!(
+        attempt(&with_introspection, &hs(c)),
+        Attempt::Verified(_)
+    ));
+}
