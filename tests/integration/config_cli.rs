@@ -337,6 +337,9 @@ fn documentation_examples_validate() {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("portico-doc-examples-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Examples may name files under examples/ (JWKS, public keys), as they
+    // would from the repository's root.
+    let _ = std::os::unix::fs::symlink(root.join("examples"), dir.join("examples"));
     let mut checked = 0;
     for doc in std::fs::read_dir(root.join("docs")).unwrap() {
         let path = doc.unwrap().path();
