@@ -882,3 +882,41 @@ async fn config_errors_name_their_keys() {
     }
     assert_eq!(config_errors(&base), "");
 }
+
+#[tokio::test]
+async fn reload_keeps_an_unchanged_issuers_keys_and_restarts_a_changed_one() {
+    let k = keys();
+    let jwks = JwksServer::start(&[&k.rsa.jwk]).await;
+    let up = upstream::echo().await;
+    let yaml = jwks_config(up.addr, &jwks.url(), "1h");
+    let path = super::support::temp_config("jwt", "reload", &yaml);
+    let gw = super::support::start_file(&path).await;
+    assert!(eventually(Duration::from_secs(5), || jwks.up.hits() == 1).await);
+    let t = rs256("rsa-1", &claims());
+    assert_eq!(call(&gw, Some(&t)).await.status, 200);
+    let before = gw.running.shared.snapshot.load().jwt_issuers.list[0].clone();
+
+    // Same file: the issuer, its keys and its cache are kept; no fetch.
+    std::fs::write(&path, format!("{yaml}\n# touched\n")).unwrap();
+    gw.running.shared.reload().unwrap();
+    let after = gw.running.shared.snapshot.load().jwt_issuers.list[0].clone();
+    assert!(Arc::ptr_eq(&before, &after));
+    assert_eq!(after.cache.len(), 1);
+    assert_eq!(call(&gw, Some(&t)).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(jwks.up.hits(), 1);
+
+    // A changed issuer starts over: a new fetch, an empty cache.
+    std::fs::write(
+        &path,
+        yaml.replace("jwks_min_refresh: 1h", "jwks_min_refresh: 2h"),
+    )
+    .unwrap();
+    gw.running.shared.reload().unwrap();
+    drop(before);
+    drop(after);
+    let changed = gw.running.shared.snapshot.load().jwt_issuers.list[0].clone();
+    assert!(eventually(Duration::from_secs(5), || jwks.up.hits() == 2).await);
+    assert_eq!(changed.cache.len(), 0);
+    assert_eq!(call(&gw, Some(&t)).await.status, 200);
+}
