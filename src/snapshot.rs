@@ -116,6 +116,10 @@ pub struct Snapshot {
     /// `auth.introspection` servers by name (each kept across reloads,
     /// with its token cache and connections, while its entry is unchanged).
     pub introspection: HashMap<String, Arc<crate::auth::introspect::IntrospectionServer>>,
+    /// `auth.jwt_issuers` (unchanged ones kept across reloads, with their
+    /// fetched keys and token caches); their JWKS tasks are started by the
+    /// server once the snapshot is published.
+    pub jwt_issuers: Arc<crate::auth::jwt::Issuers>,
     pub config: model::Config,
 }
 
@@ -286,6 +290,14 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         &mut |p, m| c.err(p, m),
     ));
     let introspection = compile_introspection(&mut c, cfg, &consumers, previous);
+    let jwt_issuers = Arc::new(crate::auth::jwt::Issuers::compile(
+        &cfg.auth,
+        previous.map(|s| &*s.jwt_issuers),
+        &consumers,
+        &tls_base(loaded),
+        &mut |p, m| c.err(p, m),
+        &|p| loaded.raw_line(p),
+    ));
     let mut group_names = HashSet::new();
     for (i, g) in cfg.route_groups.iter().enumerate() {
         if !group_names.insert(g.name.as_str()) {
@@ -298,6 +310,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
     let shared = Shared {
         consumers: &consumers,
         consumer_headers: &consumer_headers,
+        jwt_issuers: &jwt_issuers,
         base: tls_base(loaded),
         cache: Default::default(),
         introspection: &introspection,
@@ -388,6 +401,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             .into_iter()
             .filter_map(|(k, v)| Some((k, v?)))
             .collect(),
+        jwt_issuers,
         config: cfg.clone(),
     })
 }
@@ -396,6 +410,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
 struct Shared<'a> {
     consumers: &'a Arc<crate::auth::Consumers>,
     consumer_headers: &'a Arc<crate::policy::auth::ConsumerHeaderNames>,
+    jwt_issuers: &'a Arc<crate::auth::jwt::Issuers>,
     base: std::path::PathBuf,
     /// Files compiled once for all the routes that name them (OpenAPI documents).
     cache: crate::policy::compile::Cache,
@@ -1034,6 +1049,7 @@ fn compile_route(
             base: &shared.base,
             introspection: shared.introspection,
             auth_before,
+            jwt_issuers: shared.jwt_issuers,
             cache: &shared.cache,
         };
         if let Some(a) = &pol.auth {

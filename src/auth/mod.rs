@@ -19,6 +19,7 @@ pub mod consumer;
 pub mod credential;
 pub mod fetch;
 pub mod introspect;
+pub mod jwt;
 
 pub use consumer::{Consumer, Consumers};
 

@@ -337,6 +337,50 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
         EXPORT_FAILURES.load(Ordering::Relaxed),
     );
 
+    // ---- JWT issuers
+    let issuers = &snap.jwt_issuers.list;
+    e.family(
+        "portico_jwks_fetches",
+        Kind::Counter,
+        "JWKS fetches of a jwt issuer with a jwks_url, by result (ok: a usable key set was installed; failed: the last good set stays in use).",
+    );
+    for i in issuers.iter().filter(|i| i.remote.is_some()) {
+        e.counter(
+            "portico_jwks_fetches",
+            &[("issuer", &i.name), ("result", "ok")],
+            i.stats.ok.load(Ordering::Relaxed),
+        );
+        e.counter(
+            "portico_jwks_fetches",
+            &[("issuer", &i.name), ("result", "failed")],
+            i.stats.failed.load(Ordering::Relaxed),
+        );
+    }
+    e.family(
+        "portico_jwt_keys",
+        Kind::Gauge,
+        "Verification keys in force for a jwt issuer (inline, jwks_file and fetched).",
+    );
+    for i in issuers {
+        e.sample(
+            "portico_jwt_keys",
+            &[("issuer", &i.name)],
+            i.key_count() as u64,
+        );
+    }
+    e.family(
+        "portico_jwt_cache_entries",
+        Kind::Gauge,
+        "Verified tokens held in a jwt issuer's cache.",
+    );
+    for i in issuers {
+        e.sample(
+            "portico_jwt_cache_entries",
+            &[("issuer", &i.name)],
+            i.cache.len() as u64,
+        );
+    }
+
     // ---- configuration
     let (ok, failed) = s.gateway.reloads();
     e.family(

@@ -10,6 +10,7 @@ use super::Policy;
 use crate::auth::apikey::{ApiKeyAuth, MtlsAuth};
 use crate::auth::credential::Source;
 use crate::auth::introspect::{IntrospectionAuth, IntrospectionServer};
+use crate::auth::jwt::JwtAuth;
 use crate::auth::{Authenticator, Consumers, Scheme};
 use crate::config::model;
 use crate::metrics::RouteMetrics;
@@ -34,6 +35,8 @@ pub struct Env<'a> {
     /// The last `auth` step before this one in the route's chain (group
     /// steps first), if any: what an `access` step can rely on.
     pub auth_before: Option<&'a model::AuthPolicy>,
+    /// `auth.jwt_issuers`, compiled once per snapshot.
+    pub jwt_issuers: &'a crate::auth::jwt::Issuers,
     /// What one compile shares between routes.
     pub cache: &'a Cache,
 }
@@ -165,8 +168,19 @@ fn auth(p: &str, a: &model::AuthPolicy, env: &Env, err: Err) -> Option<AuthPolic
             methods.push(Box::new(MtlsAuth {
                 consumers: env.consumers.clone(),
             }));
-        } else if m.jwt.is_some() {
-            e(format!("{mp}.jwt"), "not available in this build".into());
+        } else if let Some(j) = &m.jwt {
+            let opaque_absent = a.methods.iter().any(|o| {
+                o.introspection.as_ref().is_some_and(|x| {
+                    same_source(
+                        (&x.header, &x.cookie, &x.query),
+                        (&j.header, &j.cookie, &j.query),
+                    )
+                })
+            });
+            kinds.push("jwt");
+            if let Some(x) = jwt(&format!("{mp}.jwt"), j, opaque_absent, env, &mut e) {
+                methods.push(Box::new(x));
+            }
         } else if let Some(im) = &m.introspection {
             let source = Source::from_keys(
                 im.header.as_deref(),
@@ -362,6 +376,91 @@ fn access(p: &str, a: &model::AccessPolicy, env: &Env, err: Err) -> Option<Acces
         return None;
     }
     Some(policy)
+}
+
+/// A `jwt` method: its issuers (by name) and where the token is read.
+fn jwt(
+    p: &str,
+    j: &model::JwtMethod,
+    opaque_absent: bool,
+    env: &Env,
+    e: &mut dyn FnMut(String, String),
+) -> Option<JwtAuth> {
+    let mut failed = false;
+    let source =
+        match Source::from_keys(j.header.as_deref(), j.cookie.as_deref(), j.query.as_deref()) {
+            Ok(s) => Some(s),
+            Err(m) => {
+                e(p.to_string(), m);
+                None
+            }
+        };
+    if j.issuers.is_empty() {
+        e(
+            format!("{p}.issuers"),
+            "list at least one name of `auth.jwt_issuers`".into(),
+        );
+        failed = true;
+    }
+    let mut issuers = Vec::new();
+    for (k, name) in j.issuers.iter().enumerate() {
+        match env.jwt_issuers.get(name) {
+            Some(i) if issuers.iter().any(|x| Arc::ptr_eq(x, i)) => {
+                e(
+                    format!("{p}.issuers[{k}]"),
+                    format!("`{name}` is listed twice"),
+                );
+                failed = true;
+            }
+            Some(i) => issuers.push(i.clone()),
+            None => {
+                e(
+                    format!("{p}.issuers[{k}]"),
+                    format!("no `auth.jwt_issuers` entry is named `{name}`"),
+                );
+                failed = true;
+            }
+        }
+    }
+    for (a, x) in issuers.iter().enumerate() {
+        if issuers[..a].iter().any(|y| y.iss == x.iss) {
+            e(
+                format!("{p}.issuers"),
+                format!(
+                    "issuers `{}` and another listed here expect the same `iss` ({}); list one",
+                    x.name, x.iss
+                ),
+            );
+            failed = true;
+        }
+    }
+    let source = source?;
+    if failed {
+        return None;
+    }
+    Some(JwtAuth::new(
+        source,
+        issuers,
+        env.consumers.clone(),
+        opaque_absent,
+    ))
+}
+
+/// Whether two methods read their token from the same place.
+fn same_source(
+    a: (&Option<String>, &Option<String>, &Option<String>),
+    b: (&Option<String>, &Option<String>, &Option<String>),
+) -> bool {
+    let norm = |(h, c, q): (&Option<String>, &Option<String>, &Option<String>)| {
+        (
+            h.as_deref()
+                .map(str::to_ascii_lowercase)
+                .filter(|h| h != "authorization"),
+            c.clone(),
+            q.clone(),
+        )
+    };
+    norm(a) == norm(b)
 }
 
 /// Headers a claim may not be mapped to (hop-by-hop, framing, host).

@@ -212,6 +212,7 @@ impl Shared {
         for up in next.upstreams.values() {
             up.start();
         }
+        next.jwt_issuers.start();
         if let Some(t) = &next.tracer {
             t.start();
         }
@@ -496,6 +497,7 @@ pub async fn start_with(
     for up in snapshot.upstreams.values() {
         up.start();
     }
+    snapshot.jwt_issuers.start();
     if let Some(t) = &snapshot.tracer {
         t.start();
     }

@@ -33,6 +33,7 @@ mod hardening_h2;
 mod hardening_http;
 mod http2;
 mod introspection;
+mod jwt;
 mod lifecycle;
 mod limits;
 mod observability;
