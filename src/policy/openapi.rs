@@ -987,6 +987,7 @@ components:
             cache: &cache,
             introspection: &Default::default(),
             auth_before: None,
+            jwt_issuers: &Default::default(),
         };
         let cfg = |spec: &str| model::OpenApiPolicy {
             spec: spec.into(),
