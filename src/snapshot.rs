@@ -69,6 +69,11 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     pub policies: Vec<Box<dyn Policy>>,
     pub action: Action,
+    /// `concurrency`: this route's own limit (kept across reloads that keep
+    /// it).
+    pub concurrency: Option<Arc<crate::shed::limiter::Limiter>>,
+    /// `priority_class`, as a class index.
+    pub priority_class: Option<u8>,
 }
 
 /// The routes a listener serves.
@@ -113,6 +118,11 @@ pub struct Snapshot {
     pub consumers: Arc<crate::auth::Consumers>,
     /// `auth.consumer_headers`: removed from every client request.
     pub consumer_headers: Arc<crate::policy::auth::ConsumerHeaderNames>,
+    /// `overload`: the gateway-wide concurrency limit (kept across reloads
+    /// that keep it).
+    pub overload: Option<Arc<crate::shed::limiter::Limiter>>,
+    /// `priorities` (one `default` class when absent).
+    pub priorities: Arc<crate::shed::Priorities>,
     pub config: model::Config,
 }
 
@@ -291,10 +301,26 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             );
         }
     }
+    // ---- load shedding
+    let priorities = Arc::new(match &cfg.priorities {
+        Some(p) => crate::shed::compile_priorities(p, &mut |k, m| c.err(k, m)),
+        None => crate::shed::Priorities::default(),
+    });
+    let overload = cfg.overload.as_ref().and_then(|l| {
+        crate::shed::compile_limit(
+            "overload",
+            l,
+            &priorities,
+            previous.and_then(|s| s.overload.as_ref()),
+            &mut |k, m| c.err(k, m),
+        )
+    });
     let shared = Shared {
         consumers: &consumers,
         consumer_headers: &consumer_headers,
         base: tls_base(loaded),
+        priorities: &priorities,
+        previous,
     };
 
     // ---- routes
@@ -378,6 +404,8 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         tracer,
         consumers,
         consumer_headers,
+        overload,
+        priorities,
         config: cfg.clone(),
     })
 }
@@ -387,6 +415,9 @@ struct Shared<'a> {
     consumers: &'a Arc<crate::auth::Consumers>,
     consumer_headers: &'a Arc<crate::policy::auth::ConsumerHeaderNames>,
     base: std::path::PathBuf,
+    priorities: &'a Arc<crate::shed::Priorities>,
+    /// The snapshot being replaced (route limits are kept by route name).
+    previous: Option<&'a Snapshot>,
 }
 
 /// `admin`: a bearer token is required unless the address is loopback.
@@ -695,6 +726,16 @@ fn compile_upstream(
             expected,
         }
     });
+    let breaker = u.circuit_breaker.as_ref().and_then(|b| {
+        crate::upstream::breaker::compile(&format!("{p}.circuit_breaker"), b, &mut |k, m| {
+            c.err(k, m)
+        })
+    });
+    let adaptive = u.adaptive_concurrency.as_ref().and_then(|a| {
+        crate::upstream::adaptive::compile(&format!("{p}.adaptive_concurrency"), a, &mut |k, m| {
+            c.err(k, m)
+        })
+    });
     if c.errors.len() > before {
         return None;
     }
@@ -710,14 +751,22 @@ fn compile_upstream(
         base_ejection: od.base_ejection.0,
         max_ejection: od.max_ejection.0,
     };
-    Some(Arc::new(Upstream::new(
+    let mut up = Upstream::new(
         u.clone(),
         targets,
         hash_key,
         outlier,
         active,
         prev.map(|a| &**a),
-    )))
+    );
+    up.breaker = breaker.map(|b| crate::upstream::breaker::Breaker::new(b, up.name.clone()));
+    up.adaptive = adaptive.map(|a| {
+        Arc::new(crate::upstream::adaptive::Adaptive::new(
+            a,
+            crate::clock::now_ms(),
+        ))
+    });
+    Some(Arc::new(up))
 }
 
 fn check_retries(c: &mut Compiler, p: &str, r: &model::Retries) {
@@ -996,7 +1045,38 @@ fn compile_route(
         .as_ref()
         .map(|pt| pt.params().into_iter().map(String::from).collect())
         .unwrap_or_default();
-    let action = compile_action(c, &format!("{p}.action"), &r.action, upstreams, &params);
+    let action = compile_action(
+        c,
+        &format!("{p}.action"),
+        &r.action,
+        upstreams,
+        &params,
+        &metrics,
+    );
+    let concurrency = r.concurrency.as_ref().and_then(|l| {
+        let prev = shared
+            .previous
+            .and_then(|s| s.routes.iter().find(|x| *x.name == *r.name))
+            .and_then(|x| x.concurrency.as_ref());
+        crate::shed::compile_limit(
+            &format!("{p}.concurrency"),
+            l,
+            shared.priorities,
+            prev,
+            &mut |k, m| c.err(k, m),
+        )
+    });
+    let priority_class = r.priority_class.as_ref().and_then(|name| {
+        let pr = shared.priorities;
+        let found = pr.names.iter().position(|n| **n == **name);
+        if found.is_none() || !pr.configured {
+            c.err(
+                format!("{p}.priority_class"),
+                format!("no class is named `{name}` (see `priorities.classes`)"),
+            );
+        }
+        found.map(|i| i as u8)
+    });
     if c.errors.len() > before {
         return None;
     }
@@ -1006,6 +1086,8 @@ fn compile_route(
         max_body_bytes: r.max_body_bytes.map(|s| limit(s.0)),
         policies,
         action: action?,
+        concurrency,
+        priority_class,
     };
     Some((route, pattern?, conds))
 }
@@ -1016,6 +1098,7 @@ fn compile_action(
     a: &model::Action,
     upstreams: &HashMap<String, Arc<Upstream>>,
     params: &[String],
+    metrics: &Arc<RouteMetrics>,
 ) -> Option<Action> {
     let set = [a.proxy.is_some(), a.respond.is_some(), a.echo.is_some()]
         .iter()
@@ -1170,6 +1253,7 @@ fn compile_action(
                 timeouts,
                 retry: retry_policy(retries),
                 upgrades: px.upgrades,
+                metrics: metrics.clone(),
             }))
         }
     }

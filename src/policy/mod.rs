@@ -54,6 +54,15 @@ pub struct Ctx {
     pub identity: Option<crate::auth::Identity>,
     /// The connection's verified client certificate (TLS `client_auth`).
     pub client_cert: Option<Arc<crate::tls::ClientIdentity>>,
+    /// The request's priority class (`crate::shed`), set after the
+    /// policies ran; 0 without `priorities`.
+    pub priority: u8,
+    /// That class's share of a concurrency limit (1.0 without `priorities`).
+    pub priority_share: f32,
+    /// A slot of the upstream's adaptive concurrency limit, taken by the
+    /// `proxy` action; moved into the `Outcome` to last as long as the
+    /// response body.
+    pub upstream_slot: Option<crate::upstream::adaptive::Permit>,
 }
 
 impl Ctx {
