@@ -36,6 +36,7 @@ mod observability;
 mod proxying;
 mod resilience;
 mod routing;
+mod shedding;
 mod streaming;
 mod tls;
 mod tracing;
