@@ -784,6 +784,9 @@ async fn openapi_lists_every_endpoint_and_each_answers() {
         if ep.method == "POST" {
             continue; // /reload: exercised by the reload test
         }
+        if ep.path.contains('{') {
+            continue; // templated (`/consumers/{id}/usage`): exercised in auth_keys.rs
+        }
         let r = admin_request(admin, ep.method, ep.path, Some("t"), &[]).await;
         assert_eq!(r.status, 200, "{} {}: {}", ep.method, ep.path, r.text());
         let documented = op["responses"]["200"]["content"]
