@@ -73,12 +73,19 @@ pub enum ErrorKind {
     ValidationFailed,
     /// The request body's media type is not accepted by the route.
     UnsupportedMediaType,
+    /// A concurrency limit (gateway, route or adaptive upstream limit) is
+    /// full and its wait queue too, or the wait timed out; the request was
+    /// shed. Answered with `Retry-After`.
+    Overloaded,
+    /// The upstream's circuit breaker is open: the gateway does not try it
+    /// until it has had time to recover. Answered with `Retry-After`.
+    CircuitOpen,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order (`ALL[k.index()] == k`): metric
     /// counters are arrays indexed by kind.
-    pub const ALL: [ErrorKind; 17] = [
+    pub const ALL: [ErrorKind; 19] = [
         ErrorKind::RouteNotFound,
         ErrorKind::BadRequest,
         ErrorKind::PayloadTooLarge,
@@ -96,6 +103,8 @@ impl ErrorKind {
         ErrorKind::AuthUnavailable,
         ErrorKind::ValidationFailed,
         ErrorKind::UnsupportedMediaType,
+        ErrorKind::Overloaded,
+        ErrorKind::CircuitOpen,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -123,6 +132,7 @@ impl ErrorKind {
             ErrorKind::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ValidationFailed => StatusCode::BAD_REQUEST,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorKind::Overloaded | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -146,6 +156,8 @@ impl ErrorKind {
             ErrorKind::AuthUnavailable => "auth_unavailable",
             ErrorKind::ValidationFailed => "validation_failed",
             ErrorKind::UnsupportedMediaType => "unsupported_media_type",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::CircuitOpen => "circuit_open",
         }
     }
 
@@ -165,9 +177,11 @@ impl ErrorKind {
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamProtocol
             | ErrorKind::UpstreamTimeout => ErrorSource::Upstream,
-            ErrorKind::NoHealthyTarget | ErrorKind::Internal | ErrorKind::AuthUnavailable => {
-                ErrorSource::Gateway
-            }
+            ErrorKind::NoHealthyTarget
+            | ErrorKind::Internal
+            | ErrorKind::AuthUnavailable
+            | ErrorKind::Overloaded
+            | ErrorKind::CircuitOpen => ErrorSource::Gateway,
         }
     }
 
@@ -188,6 +202,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => 7,                          // PERMISSION_DENIED
             ErrorKind::AuthUnavailable => 14,                   // UNAVAILABLE
             ErrorKind::ValidationFailed | ErrorKind::UnsupportedMediaType => 3, // INVALID_ARGUMENT
+            ErrorKind::Overloaded | ErrorKind::CircuitOpen => 14, // UNAVAILABLE
         }
     }
 
@@ -483,10 +498,15 @@ mod tests {
         for (i, k) in ErrorKind::ALL.iter().enumerate() {
             assert_eq!(k.index(), i, "{k:?}");
         }
-        assert_eq!(
-            ErrorKind::UnsupportedMediaType.index(),
-            ErrorKind::COUNT - 1
-        );
+        assert_eq!(ErrorKind::CircuitOpen.index(), ErrorKind::COUNT - 1);
+        for k in [ErrorKind::Overloaded, ErrorKind::CircuitOpen] {
+            assert_eq!(k.status(), 503);
+            assert_eq!(k.grpc_status(), 14);
+            assert_eq!(k.source(), ErrorSource::Gateway);
+            assert!(!k.retryable());
+        }
+        assert_eq!(ErrorKind::Overloaded.code(), "overloaded");
+        assert_eq!(ErrorKind::CircuitOpen.code(), "circuit_open");
         assert_eq!(ErrorKind::Forbidden.status(), 403);
         assert_eq!(ErrorKind::Forbidden.grpc_status(), 7);
         assert_eq!(ErrorKind::AuthUnavailable.source(), ErrorSource::Gateway);

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod rand;
 pub mod router;
 pub mod server;
+pub mod shed;
 pub mod snapshot;
 pub mod strict;
 pub mod tls;

@@ -51,6 +51,9 @@ pub struct Outcome {
     pub log: Option<Box<crate::access_log::Entry>>,
     /// The SERVER span of a sampled request, ended with the outcome.
     pub span: Option<Box<crate::trace::ServerSpan>>,
+    /// Concurrency-limit slots (`crate::shed`), released when the outcome
+    /// is finished: the response body ended or the client went away.
+    pub held: crate::shed::Held,
 }
 
 /// One attempt to reach an upstream endpoint.
@@ -78,6 +81,7 @@ impl Outcome {
             trace_id: None,
             log: None,
             span: None,
+            held: crate::shed::Held::default(),
         }
     }
 }

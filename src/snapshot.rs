@@ -69,6 +69,11 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     pub policies: Vec<Box<dyn Policy>>,
     pub action: Action,
+    /// `concurrency`: this route's own limit (kept across reloads that keep
+    /// it).
+    pub concurrency: Option<Arc<crate::shed::limiter::Limiter>>,
+    /// `priority_class`, as a class index.
+    pub priority_class: Option<u8>,
 }
 
 /// The routes a listener serves.
@@ -120,6 +125,11 @@ pub struct Snapshot {
     /// fetched keys and token caches); their JWKS tasks are started by the
     /// server once the snapshot is published.
     pub jwt_issuers: Arc<crate::auth::jwt::Issuers>,
+    /// `overload`: the gateway-wide concurrency limit (kept across reloads
+    /// that keep it).
+    pub overload: Option<Arc<crate::shed::limiter::Limiter>>,
+    /// `priorities` (one `default` class when absent).
+    pub priorities: Arc<crate::shed::Priorities>,
     pub config: model::Config,
 }
 
@@ -307,6 +317,20 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             );
         }
     }
+    // ---- load shedding
+    let priorities = Arc::new(match &cfg.priorities {
+        Some(p) => crate::shed::compile_priorities(p, &mut |k, m| c.err(k, m)),
+        None => crate::shed::Priorities::default(),
+    });
+    let overload = cfg.overload.as_ref().and_then(|l| {
+        crate::shed::compile_limit(
+            "overload",
+            l,
+            &priorities,
+            previous.and_then(|s| s.overload.as_ref()),
+            &mut |k, m| c.err(k, m),
+        )
+    });
     let shared = Shared {
         consumers: &consumers,
         consumer_headers: &consumer_headers,
@@ -314,6 +338,8 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         base: tls_base(loaded),
         cache: Default::default(),
         introspection: &introspection,
+        priorities: &priorities,
+        previous,
     };
 
     // ---- routes
@@ -402,6 +428,8 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             .filter_map(|(k, v)| Some((k, v?)))
             .collect(),
         jwt_issuers,
+        overload,
+        priorities,
         config: cfg.clone(),
     })
 }
@@ -416,6 +444,9 @@ struct Shared<'a> {
     cache: crate::policy::compile::Cache,
     /// `None`: declared, but it did not compile (already reported).
     introspection: &'a HashMap<String, Option<Arc<crate::auth::introspect::IntrospectionServer>>>,
+    priorities: &'a Arc<crate::shed::Priorities>,
+    /// The snapshot being replaced (route limits are kept by route name).
+    previous: Option<&'a Snapshot>,
 }
 
 /// `auth.introspection`: each server once per snapshot, before the routes
@@ -769,6 +800,16 @@ fn compile_upstream(
             expected,
         }
     });
+    let breaker = u.circuit_breaker.as_ref().and_then(|b| {
+        crate::upstream::breaker::compile(&format!("{p}.circuit_breaker"), b, &mut |k, m| {
+            c.err(k, m)
+        })
+    });
+    let adaptive = u.adaptive_concurrency.as_ref().and_then(|a| {
+        crate::upstream::adaptive::compile(&format!("{p}.adaptive_concurrency"), a, &mut |k, m| {
+            c.err(k, m)
+        })
+    });
     if c.errors.len() > before {
         return None;
     }
@@ -784,14 +825,22 @@ fn compile_upstream(
         base_ejection: od.base_ejection.0,
         max_ejection: od.max_ejection.0,
     };
-    Some(Arc::new(Upstream::new(
+    let mut up = Upstream::new(
         u.clone(),
         targets,
         hash_key,
         outlier,
         active,
         prev.map(|a| &**a),
-    )))
+    );
+    up.breaker = breaker.map(|b| crate::upstream::breaker::Breaker::new(b, up.name.clone()));
+    up.adaptive = adaptive.map(|a| {
+        Arc::new(crate::upstream::adaptive::Adaptive::new(
+            a,
+            crate::clock::now_ms(),
+        ))
+    });
+    Some(Arc::new(up))
 }
 
 fn check_retries(c: &mut Compiler, p: &str, r: &model::Retries) {
@@ -1080,7 +1129,38 @@ fn compile_route(
         .as_ref()
         .map(|pt| pt.params().into_iter().map(String::from).collect())
         .unwrap_or_default();
-    let action = compile_action(c, &format!("{p}.action"), &r.action, upstreams, &params);
+    let action = compile_action(
+        c,
+        &format!("{p}.action"),
+        &r.action,
+        upstreams,
+        &params,
+        &metrics,
+    );
+    let concurrency = r.concurrency.as_ref().and_then(|l| {
+        let prev = shared
+            .previous
+            .and_then(|s| s.routes.iter().find(|x| *x.name == *r.name))
+            .and_then(|x| x.concurrency.as_ref());
+        crate::shed::compile_limit(
+            &format!("{p}.concurrency"),
+            l,
+            shared.priorities,
+            prev,
+            &mut |k, m| c.err(k, m),
+        )
+    });
+    let priority_class = r.priority_class.as_ref().and_then(|name| {
+        let pr = shared.priorities;
+        let found = pr.names.iter().position(|n| **n == **name);
+        if found.is_none() || !pr.configured {
+            c.err(
+                format!("{p}.priority_class"),
+                format!("no class is named `{name}` (see `priorities.classes`)"),
+            );
+        }
+        found.map(|i| i as u8)
+    });
     if c.errors.len() > before {
         return None;
     }
@@ -1090,6 +1170,8 @@ fn compile_route(
         max_body_bytes: r.max_body_bytes.map(|s| limit(s.0)),
         policies,
         action: action?,
+        concurrency,
+        priority_class,
     };
     Some((route, pattern?, conds))
 }
@@ -1100,6 +1182,7 @@ fn compile_action(
     a: &model::Action,
     upstreams: &HashMap<String, Arc<Upstream>>,
     params: &[String],
+    metrics: &Arc<RouteMetrics>,
 ) -> Option<Action> {
     let set = [a.proxy.is_some(), a.respond.is_some(), a.echo.is_some()]
         .iter()
@@ -1254,6 +1337,7 @@ fn compile_action(
                 timeouts,
                 retry: retry_policy(retries),
                 upgrades: px.upgrades,
+                metrics: metrics.clone(),
             }))
         }
     }

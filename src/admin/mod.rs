@@ -567,12 +567,37 @@ fn upstreams(snap: &crate::snapshot::Snapshot) -> Value {
                 "errors": errors,
             }));
         }
+        let now = crate::clock::now_ms();
+        let breaker = up.breaker.as_ref().map(|b| {
+            use crate::upstream::breaker::State;
+            json!({
+                "state": b.state().as_str(),
+                "open_remaining_ms": b.open_remaining_ms(now),
+                "opened": b.transitions[State::Open as usize].load(Ordering::Relaxed),
+                "rejected": b.rejected.load(Ordering::Relaxed),
+            })
+        });
+        let adaptive = up.adaptive.as_ref().map(|a| {
+            let (long, last) = a.latencies();
+            json!({
+                "algorithm": a.spec.algorithm,
+                "limit": a.limit(),
+                "in_flight": a.in_flight(),
+                "min_limit": a.spec.min as u32,
+                "max_limit": a.spec.max as u32,
+                "latency_ms": last.as_secs_f64() * 1000.0,
+                "long_latency_ms": long.as_secs_f64() * 1000.0,
+                "rejected": a.rejected.load(Ordering::Relaxed),
+            })
+        });
         out.push(json!({
             "name": name,
             "protocol": up.spec.protocol,
             "balance": up.spec.balance,
             "health_check": up.active.as_ref().map(|a| a.path.clone()),
             "targets": targets,
+            "circuit_breaker": breaker,
+            "adaptive_concurrency": adaptive,
         }));
     }
     json!({ "upstreams": out })

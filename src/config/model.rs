@@ -51,6 +51,66 @@ pub struct Config {
     /// and an optional OpenAPI document for their validation.
     #[serde(default)]
     pub route_groups: Vec<RouteGroup>,
+    /// The gateway-wide concurrency limit (docs/overload.md); none when absent.
+    #[serde(default)]
+    pub overload: Option<ConcurrencyLimit>,
+    /// Priority classes for load shedding (docs/overload.md); one class
+    /// (`default`) when absent.
+    #[serde(default)]
+    pub priorities: Option<Priorities>,
+}
+
+// ---------------------------------------------------------------- load shedding
+
+/// A concurrency limit with a bounded wait queue: `overload` (every route)
+/// and `routes[].concurrency` (one route).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyLimit {
+    /// Requests in flight at most (until their response body ends).
+    pub max_concurrent: u32,
+    /// Requests that may wait for a slot; beyond it: 503 `overloaded`.
+    /// `0`: no queue, refused at once.
+    #[serde(default)]
+    pub queue: u32,
+    /// Longest wait in the queue before 503 `overloaded`.
+    #[serde(default = "defaults::queue_timeout")]
+    pub queue_timeout: Dur,
+    /// The `Retry-After` of a refused request (whole seconds, at least 1s).
+    #[serde(default = "defaults::retry_after")]
+    pub retry_after: Dur,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Priorities {
+    /// The classes, highest priority first.
+    pub classes: Vec<PriorityClass>,
+    /// The class of requests nothing else classifies; default: the last
+    /// (lowest) class.
+    #[serde(default)]
+    pub default: Option<String>,
+    /// A request header naming the class, honoured only from trusted peers.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Peers (CIDRs or addresses) whose `header` is honoured; empty: the
+    /// listener's `trusted_proxies`.
+    #[serde(default)]
+    pub trusted_peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityClass {
+    /// The class name (the `priority` metrics label).
+    pub name: String,
+    /// The share of every limit's slots this class may hold in flight
+    /// (0 < share <= 1, not more than the class above).
+    #[serde(default = "defaults::one")]
+    pub share: f64,
+    /// Consumers in any of these groups get this class.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 // ---------------------------------------------------------------- consumers
@@ -529,6 +589,87 @@ pub struct Upstream {
     /// Speak TLS to the targets (docs/tls.md).
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
+    /// A concurrency limit that follows the upstream's latency (docs/overload.md).
+    #[serde(default)]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
+    /// Stop sending requests while the upstream fails (docs/overload.md).
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdaptiveAlgorithm {
+    /// Gradient (Netflix gradient2 style): the limit follows the ratio of
+    /// the long-term to the recent latency.
+    #[default]
+    Gradient,
+    /// Additive increase, multiplicative decrease on a latency threshold
+    /// and on overload answers.
+    Aimd,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrency {
+    #[serde(default)]
+    pub algorithm: AdaptiveAlgorithm,
+    #[serde(default = "defaults::adaptive_min")]
+    pub min_limit: u32,
+    #[serde(default = "defaults::adaptive_max")]
+    pub max_limit: u32,
+    /// The limit before any latency was measured.
+    #[serde(default = "defaults::adaptive_initial")]
+    pub initial_limit: u32,
+    /// Latency samples are averaged over windows at least this long ...
+    #[serde(default = "defaults::adaptive_window")]
+    pub window: Dur,
+    /// ... holding at least this many samples.
+    #[serde(default = "defaults::adaptive_min_samples")]
+    pub min_samples: u32,
+    /// gradient: how much the recent latency may exceed the long-term one
+    /// before the limit shrinks (1.5 = 50% more).
+    #[serde(default = "defaults::adaptive_tolerance")]
+    pub tolerance: f64,
+    /// gradient: weight of each new estimate (0 < smoothing <= 1).
+    #[serde(default = "defaults::adaptive_smoothing")]
+    pub smoothing: f64,
+    /// gradient: the long-term latency is an average over about this many
+    /// windows.
+    #[serde(default = "defaults::adaptive_long_window")]
+    pub long_window: u32,
+    /// aimd: a window whose average latency exceeds this is congestion
+    /// (required for `aimd`).
+    #[serde(default)]
+    pub latency_threshold: Option<Dur>,
+    /// aimd: the limit is multiplied by this on congestion (0.5 <= x < 1).
+    #[serde(default = "defaults::adaptive_backoff")]
+    pub backoff_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Share of failed requests in the window that opens the circuit.
+    #[serde(default = "defaults::cb_failure_ratio")]
+    pub failure_ratio: f64,
+    /// Requests the window must hold before the ratio is considered.
+    #[serde(default = "defaults::cb_min_requests")]
+    pub min_requests: u32,
+    /// The sliding window the ratio is computed over.
+    #[serde(default = "defaults::cb_window")]
+    pub window: Dur,
+    /// How long an open circuit refuses requests before probing.
+    #[serde(default = "defaults::cb_open_for")]
+    pub open_for: Dur,
+    /// Probe requests let through when half-open; that many successes
+    /// close the circuit, one failure reopens it.
+    #[serde(default = "defaults::three")]
+    pub half_open_probes: u32,
+    /// Response statuses counted as failures (codes or `NNN-NNN` ranges),
+    /// besides connect failures, timeouts and broken exchanges.
+    #[serde(default = "defaults::cb_statuses")]
+    pub failure_statuses: Vec<StatusRange>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -753,6 +894,13 @@ pub struct Route {
     /// A `route_groups` entry whose policies run before this route's.
     #[serde(default)]
     pub group: Option<String>,
+    /// This route's own concurrency limit (docs/overload.md).
+    #[serde(default)]
+    pub concurrency: Option<ConcurrencyLimit>,
+    /// The priority class of this route's requests (a `priorities` class),
+    /// unless the consumer's group or a trusted header says otherwise.
+    #[serde(default)]
+    pub priority_class: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -1236,5 +1384,53 @@ pub(crate) mod defaults {
     }
     pub fn validate_max_body() -> Size {
         Size(1024 * 1024)
+    }
+    pub fn queue_timeout() -> Dur {
+        Dur(Duration::from_secs(1))
+    }
+    pub fn retry_after() -> Dur {
+        Dur(Duration::from_secs(1))
+    }
+    pub fn adaptive_min() -> u32 {
+        5
+    }
+    pub fn adaptive_max() -> u32 {
+        1000
+    }
+    pub fn adaptive_initial() -> u32 {
+        20
+    }
+    pub fn adaptive_window() -> Dur {
+        Dur(Duration::from_millis(100))
+    }
+    pub fn adaptive_min_samples() -> u32 {
+        10
+    }
+    pub fn adaptive_tolerance() -> f64 {
+        1.5
+    }
+    pub fn adaptive_smoothing() -> f64 {
+        0.2
+    }
+    pub fn adaptive_long_window() -> u32 {
+        50
+    }
+    pub fn adaptive_backoff() -> f64 {
+        0.9
+    }
+    pub fn cb_failure_ratio() -> f64 {
+        0.5
+    }
+    pub fn cb_min_requests() -> u32 {
+        20
+    }
+    pub fn cb_window() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn cb_open_for() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn cb_statuses() -> Vec<StatusRange> {
+        vec![StatusRange::Range("500-599".into())]
     }
 }

@@ -221,7 +221,16 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Requests shed (503 `overloaded`), by priority class, scope and
+    /// reason (`crate::shed`).
+    shed: ShedCounts,
+    /// How long requests waited in a concurrency limit's queue (granted or
+    /// not).
+    pub queue_wait: Histogram,
 }
+
+/// Priority class × `shed::Scope` × `shed::limiter::Shed`.
+type ShedCounts = [[[AtomicU64; 3]; 3]; crate::shed::MAX_CLASSES];
 
 impl RouteMetrics {
     pub fn new(name: Arc<str>) -> RouteMetrics {
@@ -234,7 +243,22 @@ impl RouteMetrics {
             duration: Histogram::default(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            shed: std::array::from_fn(|_| {
+                std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+            }),
+            queue_wait: Histogram::default(),
         }
+    }
+
+    /// One request shed.
+    #[inline]
+    pub fn shed(&self, class: u8, scope: crate::shed::Scope, why: crate::shed::limiter::Shed) {
+        let c = usize::from(class).min(crate::shed::MAX_CLASSES - 1);
+        self.shed[c][scope.index()][why.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn shed_count(&self, class: usize, scope: usize, why: usize) -> u64 {
+        self.shed[class][scope][why].load(Relaxed)
     }
 
     /// One request answered with `status`, its response body ended (or the

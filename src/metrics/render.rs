@@ -131,6 +131,79 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
         );
     }
 
+    // ---- load shedding
+    e.family(
+        "portico_requests_shed",
+        Kind::Counter,
+        "Requests refused with 503 overloaded, by route, priority class, limit scope (global, route, upstream) and reason (rejected, evicted, queue_timeout).",
+    );
+    let pr = &snap.priorities;
+    for r in &routes {
+        for (ci, class) in pr.names.iter().enumerate() {
+            for scope in crate::shed::Scope::ALL {
+                for why in crate::shed::limiter::Shed::ALL {
+                    let n = r.shed_count(ci, scope.index(), why.index());
+                    if n > 0 {
+                        e.counter(
+                            "portico_requests_shed",
+                            &[
+                                ("route", &r.name),
+                                ("priority", class),
+                                ("scope", scope.as_str()),
+                                ("reason", why.as_str()),
+                            ],
+                            n,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    e.family(
+        "portico_queue_wait_seconds",
+        Kind::Histogram,
+        "Time requests waited in a concurrency limit's queue (whether they got a slot or not), by route.",
+    );
+    for r in &routes {
+        let h = r.queue_wait.snapshot();
+        if h.count() > 0 {
+            e.histogram("portico_queue_wait_seconds", &[("route", &r.name)], &h);
+        }
+    }
+    let mut limits: Vec<(&str, &str, &crate::shed::limiter::Limiter)> = Vec::new();
+    if let Some(l) = &snap.overload {
+        limits.push(("global", "", l));
+    }
+    for r in &snap.routes {
+        if let Some(l) = &r.concurrency {
+            limits.push(("route", &r.name, l));
+        }
+    }
+    e.family(
+        "portico_concurrency_in_flight",
+        Kind::Gauge,
+        "Requests holding a slot of a concurrency limit (scope global, or route with its name).",
+    );
+    for (scope, route, l) in &limits {
+        e.sample(
+            "portico_concurrency_in_flight",
+            &[("scope", scope), ("route", route)],
+            u64::from(l.in_flight()),
+        );
+    }
+    e.family(
+        "portico_concurrency_queued",
+        Kind::Gauge,
+        "Requests waiting in a concurrency limit's queue.",
+    );
+    for (scope, route, l) in &limits {
+        e.sample(
+            "portico_concurrency_queued",
+            &[("scope", scope), ("route", route)],
+            u64::from(l.queued()),
+        );
+    }
+
     // ---- gateway-made errors
     e.family(
         "portico_gateway_errors",
@@ -246,6 +319,97 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
                     ("address", &addr),
                 ],
                 ep.load.in_flight() as u64,
+            );
+        }
+    }
+
+    // ---- upstream protection
+    e.family(
+        "portico_upstream_circuit_state",
+        Kind::Gauge,
+        "1 for the circuit breaker's current state (closed, open, half_open), 0 for the others; upstreams with a circuit_breaker.",
+    );
+    for name in &names {
+        if let Some(b) = &snap.upstreams[*name].breaker {
+            let now = b.state();
+            for st in crate::upstream::breaker::State::ALL {
+                e.sample(
+                    "portico_upstream_circuit_state",
+                    &[("upstream", name), ("state", st.as_str())],
+                    u64::from(st == now),
+                );
+            }
+        }
+    }
+    e.family(
+        "portico_upstream_circuit_transitions",
+        Kind::Counter,
+        "Circuit breaker state changes, by the state entered.",
+    );
+    for name in &names {
+        if let Some(b) = &snap.upstreams[*name].breaker {
+            for st in crate::upstream::breaker::State::ALL {
+                e.counter(
+                    "portico_upstream_circuit_transitions",
+                    &[("upstream", name), ("to", st.as_str())],
+                    b.transitions[st as usize].load(Ordering::Relaxed),
+                );
+            }
+        }
+    }
+    e.family(
+        "portico_upstream_circuit_rejected",
+        Kind::Counter,
+        "Requests answered 503 circuit_open without being sent.",
+    );
+    for name in &names {
+        if let Some(b) = &snap.upstreams[*name].breaker {
+            e.counter(
+                "portico_upstream_circuit_rejected",
+                &[("upstream", name)],
+                b.rejected.load(Ordering::Relaxed),
+            );
+        }
+    }
+    e.family(
+        "portico_upstream_concurrency_limit",
+        Kind::Gauge,
+        "The adaptive concurrency limit in force; upstreams with adaptive_concurrency.",
+    );
+    for name in &names {
+        if let Some(a) = &snap.upstreams[*name].adaptive {
+            e.sample(
+                "portico_upstream_concurrency_limit",
+                &[("upstream", name)],
+                u64::from(a.limit()),
+            );
+        }
+    }
+    e.family(
+        "portico_upstream_concurrency_in_flight",
+        Kind::Gauge,
+        "Requests holding a slot of the adaptive concurrency limit.",
+    );
+    for name in &names {
+        if let Some(a) = &snap.upstreams[*name].adaptive {
+            e.sample(
+                "portico_upstream_concurrency_in_flight",
+                &[("upstream", name)],
+                u64::from(a.in_flight()),
+            );
+        }
+    }
+    e.family(
+        "portico_upstream_concurrency_rejected",
+        Kind::Counter,
+        "Requests refused with 503 overloaded by the adaptive concurrency limit.",
+    );
+    for name in &names {
+        if let Some(a) = &snap.upstreams[*name].adaptive {
+            e.counter(
+                "portico_upstream_concurrency_rejected",
+                &[("upstream", name)],
+                a.rejected.load(Ordering::Relaxed),
             );
         }
     }

@@ -60,6 +60,15 @@ pub struct Ctx {
     pub client_cert: Option<Arc<crate::tls::ClientIdentity>>,
     /// What a `cors` policy decided, for its `on_response`.
     pub cors: Option<cors::Seen>,
+    /// The request's priority class (`crate::shed`), set after the
+    /// policies ran; 0 without `priorities`.
+    pub priority: u8,
+    /// That class's share of a concurrency limit (1.0 without `priorities`).
+    pub priority_share: f32,
+    /// A slot of the upstream's adaptive concurrency limit, taken by the
+    /// `proxy` action; moved into the `Outcome` to last as long as the
+    /// response body.
+    pub upstream_slot: Option<crate::upstream::adaptive::Permit>,
 }
 
 impl Ctx {

@@ -128,6 +128,8 @@ pub struct ProxyAction {
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
     pub upgrades: bool,
+    /// The route's series (requests shed by the adaptive limit).
+    pub metrics: Arc<crate::metrics::RouteMetrics>,
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -205,6 +207,27 @@ impl ProxyAction {
         req: Request<Body>,
         ctx: &mut Ctx,
     ) -> Result<Response<Body>, GatewayError> {
+        // Upstream protection first: an open circuit or a full adaptive
+        // limit answers at once, before any work on the request.
+        let up = &*self.upstream;
+        let ticket = match &up.breaker {
+            Some(b) => Some(
+                b.admit(crate::clock::now_ms())
+                    .map_err(|ms| circuit_open(&up.name, ms))?,
+            ),
+            None => None,
+        };
+        if let Some(a) = &up.adaptive {
+            match a.try_acquire(ctx.priority_share) {
+                Some(p) => ctx.upstream_slot = Some(p),
+                None => {
+                    use crate::shed::{limiter::Shed, Scope};
+                    self.metrics
+                        .shed(ctx.priority, Scope::Upstream, Shed::Rejected);
+                    return Err(crate::shed::overloaded(Scope::Upstream, Shed::Rejected, 1));
+                }
+            }
+        }
         let (mut parts, body) = req.into_parts();
         let protocol = self.upstream.spec.protocol;
         // Upgrades (WebSocket) need an HTTP/1.1 upstream.
@@ -284,8 +307,14 @@ impl ProxyAction {
         let deadline = limit.map(|d| tokio::time::Instant::now() + d);
         let trace = ctx.trace.as_ref();
         let last = &mut ctx.upstream;
+        // (Milliseconds: a timeout's latency; answers use the attempt's.)
+        let started_ms = if up.adaptive.is_some() {
+            crate::clock::now_ms()
+        } else {
+            0
+        };
         let exchange = self.exchange(out, body, done, key, replayable, upgrade, last, trace);
-        let (resp, lease) = match deadline {
+        let result = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
                 .await
                 .unwrap_or_else(|_| {
@@ -293,10 +322,54 @@ impl ProxyAction {
                         ErrorKind::UpstreamTimeout,
                         "request timeout exceeded",
                     ))
-                })?,
-            None => exchange.await?,
+                }),
+            None => exchange.await,
         };
+        if ticket.is_some() || started_ms > 0 {
+            self.protect(&result, ticket, started_ms, ctx.upstream);
+        }
+        let (resp, lease) = result?;
         Ok(self.respond(resp, lease, upgrade, client_upgrade, deadline))
+    }
+
+    /// Reports the exchange's result to the circuit breaker and its latency
+    /// to the adaptive limit.
+    fn protect(
+        &self,
+        result: &Result<(Response<Incoming>, Lease), GatewayError>,
+        ticket: Option<crate::upstream::breaker::Ticket<'_>>,
+        started_ms: u64,
+        last: Option<Attempt>,
+    ) {
+        let up = &*self.upstream;
+        let now = crate::clock::now_ms();
+        let status = result.as_ref().ok().map(|(r, _)| r.status().as_u16());
+        let kind = result.as_ref().err().map(|e| e.kind());
+        if let (Some(t), Some(b)) = (ticket, &up.breaker) {
+            let failed = match (status, kind) {
+                (Some(s), _) => Some(b.is_failure_status(s)),
+                (None, Some(k)) => (k.source() == crate::error::ErrorSource::Upstream
+                    || k == ErrorKind::NoHealthyTarget)
+                    .then_some(true),
+                (None, None) => None,
+            };
+            // Anything else (the client's body broke a limit) says nothing
+            // about the upstream: a probe gives its slot back.
+            if let Some(f) = failed {
+                t.record(f, now);
+            }
+        }
+        if let Some(a) = &up.adaptive {
+            let elapsed = Duration::from_millis(now.saturating_sub(started_ms));
+            match (status, kind) {
+                (Some(s), _) => {
+                    let took = last.and_then(|l| l.took).unwrap_or(elapsed);
+                    a.record(took, matches!(s, 429 | 503 | 504), now);
+                }
+                (None, Some(ErrorKind::UpstreamTimeout)) => a.record(elapsed, true, now),
+                _ => {}
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -518,6 +591,18 @@ impl ProxyAction {
         let grpc = crate::error::is_grpc(&parts.headers);
         Response::from_parts(parts, Body::response(incoming, lease, deadline, grpc))
     }
+}
+
+/// The answer while an upstream's circuit is open; probes start in `ms`.
+fn circuit_open(upstream: &str, ms: u64) -> GatewayError {
+    GatewayError::new(
+        ErrorKind::CircuitOpen,
+        format!("upstream `{upstream}` is failing: its circuit breaker is open"),
+    )
+    .with_header(
+        header::RETRY_AFTER,
+        HeaderValue::from(ms.div_ceil(1000).max(1)),
+    )
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies

@@ -6,7 +6,9 @@
 //! so its pooled connections and health state survive; its endpoint set is
 //! swapped atomically when DNS answers change, reusing unchanged endpoints.
 
+pub mod adaptive;
 pub mod balance;
+pub mod breaker;
 pub mod budget;
 pub mod endpoint;
 pub mod health;
@@ -69,6 +71,10 @@ pub struct Upstream {
     pub outlier: Outlier,
     pub active: Option<ActiveCheck>,
     pub budget: RetryBudget,
+    /// `circuit_breaker`, when configured.
+    pub breaker: Option<breaker::Breaker>,
+    /// `adaptive_concurrency`, when configured.
+    pub adaptive: Option<Arc<adaptive::Adaptive>>,
     resolve_interval: Duration,
     started: AtomicBool,
 }
@@ -111,6 +117,8 @@ impl Upstream {
             }),
             outlier,
             active,
+            breaker: None,
+            adaptive: None,
             started: AtomicBool::new(false),
         };
         // Fixed addresses are known now; names are filled in by `resolve`.

@@ -40,6 +40,7 @@ mod observability;
 mod proxying;
 mod resilience;
 mod routing;
+mod shedding;
 mod streaming;
 mod tls;
 mod tracing;
