@@ -191,6 +191,9 @@ mod tests {
             identity,
             client_cert: None,
             cors: None,
+            priority: 0,
+            priority_share: 1.0,
+            upstream_slot: None,
             forwarded: Arc::new(crate::proxy::forward::ConnForwarded::new(
                 "127.0.0.1".parse().unwrap(),
                 false,
