@@ -73,12 +73,17 @@ pub enum ErrorKind {
     ValidationFailed,
     /// The request body's media type is not accepted by the route.
     UnsupportedMediaType,
+    /// A rate limit, quota or concurrency limit refused the request.
+    RateLimited,
+    /// A limit kept in Redis could not be checked and is configured to
+    /// fail closed.
+    LimiterUnavailable,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order (`ALL[k.index()] == k`): metric
     /// counters are arrays indexed by kind.
-    pub const ALL: [ErrorKind; 17] = [
+    pub const ALL: [ErrorKind; 19] = [
         ErrorKind::RouteNotFound,
         ErrorKind::BadRequest,
         ErrorKind::PayloadTooLarge,
@@ -96,6 +101,8 @@ impl ErrorKind {
         ErrorKind::AuthUnavailable,
         ErrorKind::ValidationFailed,
         ErrorKind::UnsupportedMediaType,
+        ErrorKind::RateLimited,
+        ErrorKind::LimiterUnavailable,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -123,6 +130,8 @@ impl ErrorKind {
             ErrorKind::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ValidationFailed => StatusCode::BAD_REQUEST,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -146,6 +155,8 @@ impl ErrorKind {
             ErrorKind::AuthUnavailable => "auth_unavailable",
             ErrorKind::ValidationFailed => "validation_failed",
             ErrorKind::UnsupportedMediaType => "unsupported_media_type",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::LimiterUnavailable => "limiter_unavailable",
         }
     }
 
@@ -161,13 +172,15 @@ impl ErrorKind {
             | ErrorKind::InvalidConfig
             | ErrorKind::Forbidden
             | ErrorKind::ValidationFailed
-            | ErrorKind::UnsupportedMediaType => ErrorSource::Client,
+            | ErrorKind::UnsupportedMediaType
+            | ErrorKind::RateLimited => ErrorSource::Client,
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamProtocol
             | ErrorKind::UpstreamTimeout => ErrorSource::Upstream,
-            ErrorKind::NoHealthyTarget | ErrorKind::Internal | ErrorKind::AuthUnavailable => {
-                ErrorSource::Gateway
-            }
+            ErrorKind::NoHealthyTarget
+            | ErrorKind::Internal
+            | ErrorKind::AuthUnavailable
+            | ErrorKind::LimiterUnavailable => ErrorSource::Gateway,
         }
     }
 
@@ -188,6 +201,8 @@ impl ErrorKind {
             ErrorKind::Forbidden => 7,                          // PERMISSION_DENIED
             ErrorKind::AuthUnavailable => 14,                   // UNAVAILABLE
             ErrorKind::ValidationFailed | ErrorKind::UnsupportedMediaType => 3, // INVALID_ARGUMENT
+            ErrorKind::RateLimited => 8,                        // RESOURCE_EXHAUSTED
+            ErrorKind::LimiterUnavailable => 14,                // UNAVAILABLE
         }
     }
 

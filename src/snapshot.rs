@@ -113,6 +113,9 @@ pub struct Snapshot {
     pub consumers: Arc<crate::auth::Consumers>,
     /// `auth.consumer_headers`: removed from every client request.
     pub consumer_headers: Arc<crate::policy::auth::ConsumerHeaderNames>,
+    /// `rate_limiting`: plans, consumer limits, and the counters (kept
+    /// across reloads while the backend settings stay the same).
+    pub limiting: Arc<crate::ratelimit::Limiting>,
     pub config: model::Config,
 }
 
@@ -282,6 +285,12 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         &cfg.auth.consumer_headers,
         &mut |p, m| c.err(p, m),
     ));
+    let limiting = Arc::new(crate::ratelimit::compile(
+        cfg,
+        previous.map(|s| &*s.limiting),
+        None,
+        &mut |p, m| c.err(p, m),
+    ));
     let mut group_names = HashSet::new();
     for (i, g) in cfg.route_groups.iter().enumerate() {
         if !group_names.insert(g.name.as_str()) {
@@ -295,6 +304,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         consumers: &consumers,
         consumer_headers: &consumer_headers,
         base: tls_base(loaded),
+        limiting: &limiting,
     };
 
     // ---- routes
@@ -378,6 +388,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         tracer,
         consumers,
         consumer_headers,
+        limiting,
         config: cfg.clone(),
     })
 }
@@ -387,6 +398,7 @@ struct Shared<'a> {
     consumers: &'a Arc<crate::auth::Consumers>,
     consumer_headers: &'a Arc<crate::policy::auth::ConsumerHeaderNames>,
     base: std::path::PathBuf,
+    limiting: &'a Arc<crate::ratelimit::Limiting>,
 }
 
 /// `admin`: a bearer token is required unless the address is loopback.
@@ -968,6 +980,9 @@ fn compile_route(
         consumer_headers: shared.consumer_headers,
         metrics: &metrics,
         base: &shared.base,
+        limiting: shared.limiting,
+        route: &r.name,
+        group: r.group.as_deref(),
     };
     let mut policies: Vec<Box<dyn Policy>> = Vec::new();
     for (pp, pol) in steps {

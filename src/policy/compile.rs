@@ -23,6 +23,11 @@ pub struct Env<'a> {
     pub metrics: &'a Arc<RouteMetrics>,
     /// Directory of the configuration file: relative paths start here.
     pub base: &'a Path,
+    /// Rate limiting's shared state (plans, counters, Redis).
+    pub limiting: &'a Arc<crate::ratelimit::Limiting>,
+    /// The route's name, and its group's (limit ids are scoped by them).
+    pub route: &'a str,
+    pub group: Option<&'a str>,
 }
 
 /// Reports a problem at a key path.
@@ -33,6 +38,10 @@ pub type Err<'e> = &'e mut dyn FnMut(String, String);
 pub fn compile(p: &str, pol: &model::Policy, env: &Env, err: Err) -> Option<Box<dyn Policy>> {
     if let Some(a) = &pol.auth {
         return auth(&format!("{p}.auth"), a, env, err).map(|x| Box::new(x) as Box<dyn Policy>);
+    }
+    if let Some(r) = &pol.rate_limit {
+        return rate_limit(&format!("{p}.rate_limit"), p, r, env, err)
+            .map(|x| Box::new(x) as Box<dyn Policy>);
     }
     if pol.access.is_some() {
         err(format!("{p}.access"), "not available in this build".into());
@@ -53,7 +62,7 @@ pub fn compile(p: &str, pol: &model::Policy, env: &Env, err: Err) -> Option<Box<
 }
 
 /// The names of the policies a step may hold, for "exactly one" errors.
-pub const KNOWN: &str = "headers, auth, access, cors, validate, openapi";
+pub const KNOWN: &str = "headers, auth, access, cors, validate, openapi, rate_limit";
 
 /// How many policies a step names.
 pub fn count(pol: &model::Policy) -> usize {
@@ -64,6 +73,7 @@ pub fn count(pol: &model::Policy) -> usize {
         pol.cors.is_some(),
         pol.validate.is_some(),
         pol.openapi.is_some(),
+        pol.rate_limit.is_some(),
     ]
     .iter()
     .filter(|x| **x)
@@ -182,6 +192,61 @@ fn auth(p: &str, a: &model::AuthPolicy, env: &Env, err: Err) -> Option<AuthPolic
         strip_credentials: a.strip_credentials,
         claims_to_headers,
         headers: env.consumer_headers.clone(),
+        metrics: env.metrics.clone(),
+    })
+}
+
+fn rate_limit(
+    p: &str,
+    step: &str,
+    r: &model::RateLimitPolicy,
+    env: &Env,
+    err: Err,
+) -> Option<super::ratelimit::RateLimitPolicy> {
+    let mut failed = false;
+    let mut e = |k: String, m: String| {
+        failed = true;
+        err(k, m)
+    };
+    let key = match &r.key {
+        Some(k) => crate::ratelimit::parse_key(&format!("{p}.key"), k, &mut e),
+        None => Some(Box::from([crate::ratelimit::KeyPart::ClientIp])),
+    };
+    if r.cost == 0 {
+        e(format!("{p}.cost"), "must be at least 1".into());
+    }
+    if r.limits.is_empty() && !r.plans {
+        e(
+            format!("{p}.limits"),
+            "list at least one limit (or keep `plans`)".into(),
+        );
+    }
+    let key = key?;
+    // Limits defined in a route group are shared by its routes.
+    let scope = match env.group {
+        Some(g) if step.starts_with("route_groups") => format!("group:{g}"),
+        _ => format!("route:{}", env.route),
+    };
+    let limits = crate::ratelimit::compile_list(
+        &format!("{p}.limits"),
+        &scope,
+        &r.limits,
+        &key,
+        &env.limiting.defaults,
+        &mut e,
+    );
+    if failed {
+        return None;
+    }
+    Some(super::ratelimit::RateLimitPolicy {
+        key,
+        missing_skip: r.missing_key == model::MissingKey::Skip,
+        cost: r.cost,
+        limits,
+        plans: r.plans,
+        headers: r.headers,
+        legacy_headers: r.legacy_headers,
+        limiting: env.limiting.clone(),
         metrics: env.metrics.clone(),
     })
 }

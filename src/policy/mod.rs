@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod compile;
 pub mod headers;
+pub mod ratelimit;
 
 use crate::body::Body;
 use crate::error::GatewayError;
@@ -54,6 +55,9 @@ pub struct Ctx {
     pub identity: Option<crate::auth::Identity>,
     /// The connection's verified client certificate (TLS `client_auth`).
     pub client_cert: Option<Arc<crate::tls::ClientIdentity>>,
+    /// What each `rate_limit` policy decided, for its `on_response`
+    /// (empty, unallocated, on routes without one).
+    pub rate_limits: Vec<crate::policy::ratelimit::Verdict>,
 }
 
 impl Ctx {

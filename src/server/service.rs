@@ -225,6 +225,7 @@ async fn respond(
         trace,
         identity: None,
         client_cert: conn.client_identity.clone(),
+        rate_limits: Vec::new(),
     };
     let body_limit = route.max_body_bytes.unwrap_or(lr.spec.max_body_bytes);
     if let Some(e) = declared_body_too_large(req.headers(), body_limit) {
