@@ -16,6 +16,7 @@ pub mod h2;
 pub mod h2raw;
 pub mod live;
 pub mod metrics;
+pub mod redis;
 pub mod tls;
 pub mod traffic;
 pub mod upstream;
