@@ -2,7 +2,7 @@
 //! decides every limit that applies (the policy's own, then the
 //! consumer's own limits or its plan's), answers `429 rate_limited` with
 //! `Retry-After` when one refuses, and stamps the `RateLimit-Policy` /
-//! `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers-09, the
+//! `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers-10, the
 //! structured-field form) on every response in `on_response`.
 //!
 //! Local and hybrid limits decide without waiting ([`Step::Ready`]); only

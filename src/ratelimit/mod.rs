@@ -609,3 +609,75 @@ impl Fnv {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(yaml: &str) -> model::Config {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn plans_consumer_overrides_and_the_injected_clock() {
+        let c = cfg(r#"
+rate_limiting:
+  plans:
+    free: [{name: daily, quota: 2, window: day}]
+consumers:
+  - {id: a, plan: free}
+  - {id: b, plan: free, limits: [{name: own, rate: 1, per: 1m}]}
+"#);
+        let clock = Arc::new(ManualClock::new(10 * 86_400 * SEC - SEC));
+        let mut errs = Vec::new();
+        let l = compile(&c, None, Some(clock.clone()), &mut |p, m| errs.push((p, m)));
+        assert!(errs.is_empty(), "{errs:?}");
+        let daily = &l.plans["free"][0];
+        assert_eq!(&*l.consumers["b"][0].name, "own");
+        assert_eq!(daily.key.as_deref(), None);
+        let Kind::Rate(algo) = daily.kind else {
+            panic!()
+        };
+        let rt = &l.runtime;
+        let now = || rt.clock.now_us();
+        assert!(rt.local.check(1, &algo, now(), 1).allowed);
+        assert!(rt.local.check(1, &algo, now(), 1).allowed);
+        assert!(!rt.local.check(1, &algo, now(), 1).allowed);
+        // One second later it is a new UTC day.
+        clock.advance(Duration::from_secs(1));
+        assert!(rt.local.check(1, &algo, now(), 1).allowed);
+        // A reload with the same backend settings keeps the counters; the
+        // ids of unchanged limits stay the same.
+        let again = compile(&c, Some(&l), None, &mut |p, m| errs.push((p, m)));
+        assert!(Arc::ptr_eq(&again.runtime, &l.runtime));
+        assert_eq!(again.plans["free"][0].id, daily.id);
+    }
+
+    #[test]
+    fn bad_limits_name_their_key() {
+        let c = cfg(r#"
+rate_limiting:
+  plans:
+    free:
+      - {name: both, rate: 1, quota: 2}
+      - {name: "bad name", quota: 1, window: day}
+      - {name: nowindow, quota: 1}
+      - {name: remote, quota: 1, window: day, backend: redis}
+      - {name: k, quota: 1, window: day, key: [consumer, header:x, bogus]}
+"#);
+        let mut errs = Vec::new();
+        compile(&c, None, None, &mut |p, m| errs.push((p, m)));
+        let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "rate_limiting.plans.free[0]",
+                "rate_limiting.plans.free[1].name",
+                "rate_limiting.plans.free[2]",
+                "rate_limiting.plans.free[3].backend",
+                "rate_limiting.plans.free[4].key[2]",
+            ],
+            "{errs:?}"
+        );
+    }
+}
