@@ -498,10 +498,13 @@ mod tests {
         for (i, k) in ErrorKind::ALL.iter().enumerate() {
             assert_eq!(k.index(), i, "{k:?}");
         }
-        assert_eq!(
-            ErrorKind::UnsupportedMediaType.index(),
-            ErrorKind::COUNT - 1
-        );
+        assert_eq!(ErrorKind::LimiterUnavailable.index(), ErrorKind::COUNT - 1);
+        assert_eq!(ErrorKind::RateLimited.status(), 429);
+        assert_eq!(ErrorKind::RateLimited.code(), "rate_limited");
+        assert_eq!(ErrorKind::RateLimited.grpc_status(), 8);
+        assert_eq!(ErrorKind::RateLimited.source(), ErrorSource::Client);
+        assert_eq!(ErrorKind::LimiterUnavailable.status(), 503);
+        assert_eq!(ErrorKind::LimiterUnavailable.source(), ErrorSource::Gateway);
         assert_eq!(ErrorKind::Forbidden.status(), 403);
         assert_eq!(ErrorKind::Forbidden.grpc_status(), 7);
         assert_eq!(ErrorKind::AuthUnavailable.source(), ErrorSource::Gateway);
