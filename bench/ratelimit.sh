@@ -12,7 +12,7 @@
 #   ROUNDS=5 bench/ratelimit.sh local     # some of them
 set -euo pipefail
 cd "$(dirname "$0")/.."
-harness=../shared/bench/proxy-bench
+harness="${HARNESS:-../shared/bench/proxy-bench}"
 [ -x "$harness" ] || { echo "missing $harness" >&2; exit 1; }
 command -v redis-server >/dev/null || { echo "missing redis-server (apt-get install redis-server)" >&2; exit 1; }
 CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}" cargo build --release --quiet
