@@ -30,6 +30,18 @@ pub enum Body {
     Client(Box<ClientBody>),
     /// An upstream response body streamed to the client.
     Response(ResponseBody),
+    /// A body that keeps something alive (a concurrency-limit slot) until
+    /// it ends or is dropped.
+    Held(Box<Held>),
+}
+
+/// Something kept alive as long as a response (or a tunnel) needs it.
+#[derive(Clone)]
+pub struct Keep(pub Arc<dyn Send + Sync>);
+
+pub struct Held {
+    pub body: Body,
+    pub keep: Option<Keep>,
 }
 
 /// Set once a request body has been read to its end (and so fully handed to
@@ -299,6 +311,13 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Incoming(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             Body::Client(c) => c.poll_frame(cx),
+            Body::Held(h) => {
+                let r = ready!(Pin::new(&mut h.body).poll_frame(cx));
+                if !matches!(r, Some(Ok(_))) {
+                    h.keep = None;
+                }
+                Poll::Ready(r)
+            }
             Body::Response(b) => {
                 if b.ended {
                     return Poll::Ready(None);
@@ -340,6 +359,7 @@ impl http_body::Body for Body {
             Body::Incoming(i) => i.is_end_stream(),
             Body::Client(c) => c.inner.is_end_stream(),
             Body::Response(b) => b.ended || b.inner.is_end_stream(),
+            Body::Held(h) => h.body.is_end_stream(),
         }
     }
 
@@ -350,6 +370,7 @@ impl http_body::Body for Body {
             Body::Incoming(i) => i.size_hint(),
             Body::Client(c) => c.inner.size_hint(),
             Body::Response(b) => b.inner.size_hint(),
+            Body::Held(h) => h.body.size_hint(),
         }
     }
 }

@@ -80,12 +80,17 @@ pub enum ErrorKind {
     /// The upstream's circuit breaker is open: the gateway does not try it
     /// until it has had time to recover. Answered with `Retry-After`.
     CircuitOpen,
+    /// A rate limit, quota or concurrency limit refused the request.
+    RateLimited,
+    /// A limit kept in Redis could not be checked and is configured to
+    /// fail closed.
+    LimiterUnavailable,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order (`ALL[k.index()] == k`): metric
     /// counters are arrays indexed by kind.
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 21] = [
         ErrorKind::RouteNotFound,
         ErrorKind::BadRequest,
         ErrorKind::PayloadTooLarge,
@@ -105,6 +110,8 @@ impl ErrorKind {
         ErrorKind::UnsupportedMediaType,
         ErrorKind::Overloaded,
         ErrorKind::CircuitOpen,
+        ErrorKind::RateLimited,
+        ErrorKind::LimiterUnavailable,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -133,6 +140,8 @@ impl ErrorKind {
             ErrorKind::ValidationFailed => StatusCode::BAD_REQUEST,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::Overloaded | ErrorKind::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -158,6 +167,8 @@ impl ErrorKind {
             ErrorKind::UnsupportedMediaType => "unsupported_media_type",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::LimiterUnavailable => "limiter_unavailable",
         }
     }
 
@@ -173,7 +184,8 @@ impl ErrorKind {
             | ErrorKind::InvalidConfig
             | ErrorKind::Forbidden
             | ErrorKind::ValidationFailed
-            | ErrorKind::UnsupportedMediaType => ErrorSource::Client,
+            | ErrorKind::UnsupportedMediaType
+            | ErrorKind::RateLimited => ErrorSource::Client,
             ErrorKind::UpstreamUnreachable
             | ErrorKind::UpstreamProtocol
             | ErrorKind::UpstreamTimeout => ErrorSource::Upstream,
@@ -181,7 +193,8 @@ impl ErrorKind {
             | ErrorKind::Internal
             | ErrorKind::AuthUnavailable
             | ErrorKind::Overloaded
-            | ErrorKind::CircuitOpen => ErrorSource::Gateway,
+            | ErrorKind::CircuitOpen
+            | ErrorKind::LimiterUnavailable => ErrorSource::Gateway,
         }
     }
 
@@ -203,6 +216,8 @@ impl ErrorKind {
             ErrorKind::AuthUnavailable => 14,                   // UNAVAILABLE
             ErrorKind::ValidationFailed | ErrorKind::UnsupportedMediaType => 3, // INVALID_ARGUMENT
             ErrorKind::Overloaded | ErrorKind::CircuitOpen => 14, // UNAVAILABLE
+            ErrorKind::RateLimited => 8,                        // RESOURCE_EXHAUSTED
+            ErrorKind::LimiterUnavailable => 14,                // UNAVAILABLE
         }
     }
 
@@ -507,6 +522,13 @@ mod tests {
         }
         assert_eq!(ErrorKind::Overloaded.code(), "overloaded");
         assert_eq!(ErrorKind::CircuitOpen.code(), "circuit_open");
+        assert_eq!(ErrorKind::LimiterUnavailable.index(), ErrorKind::COUNT - 1);
+        assert_eq!(ErrorKind::RateLimited.status(), 429);
+        assert_eq!(ErrorKind::RateLimited.code(), "rate_limited");
+        assert_eq!(ErrorKind::RateLimited.grpc_status(), 8);
+        assert_eq!(ErrorKind::RateLimited.source(), ErrorSource::Client);
+        assert_eq!(ErrorKind::LimiterUnavailable.status(), 503);
+        assert_eq!(ErrorKind::LimiterUnavailable.source(), ErrorSource::Gateway);
         assert_eq!(ErrorKind::Forbidden.status(), 403);
         assert_eq!(ErrorKind::Forbidden.grpc_status(), 7);
         assert_eq!(ErrorKind::AuthUnavailable.source(), ErrorSource::Gateway);

@@ -18,6 +18,7 @@ pub mod outcome;
 pub mod policy;
 pub mod proxy;
 pub mod rand;
+pub mod ratelimit;
 pub mod router;
 pub mod server;
 pub mod shed;

@@ -118,6 +118,9 @@ pub struct Snapshot {
     pub consumers: Arc<crate::auth::Consumers>,
     /// `auth.consumer_headers`: removed from every client request.
     pub consumer_headers: Arc<crate::policy::auth::ConsumerHeaderNames>,
+    /// `rate_limiting`: plans, consumer limits, and the counters (kept
+    /// across reloads while the backend settings stay the same).
+    pub limiting: Arc<crate::ratelimit::Limiting>,
     /// `auth.introspection` servers by name (each kept across reloads,
     /// with its token cache and connections, while its entry is unchanged).
     pub introspection: HashMap<String, Arc<crate::auth::introspect::IntrospectionServer>>,
@@ -308,6 +311,12 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         &mut |p, m| c.err(p, m),
         &|p| loaded.raw_line(p),
     ));
+    let limiting = Arc::new(crate::ratelimit::compile(
+        cfg,
+        previous.map(|s| &*s.limiting),
+        None,
+        &mut |p, m| c.err(p, m),
+    ));
     let mut group_names = HashSet::new();
     for (i, g) in cfg.route_groups.iter().enumerate() {
         if !group_names.insert(g.name.as_str()) {
@@ -334,6 +343,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
     let shared = Shared {
         consumers: &consumers,
         consumer_headers: &consumer_headers,
+        limiting: &limiting,
         jwt_issuers: &jwt_issuers,
         base: tls_base(loaded),
         cache: Default::default(),
@@ -423,6 +433,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
         tracer,
         consumers,
         consumer_headers,
+        limiting,
         introspection: introspection
             .into_iter()
             .filter_map(|(k, v)| Some((k, v?)))
@@ -438,6 +449,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
 struct Shared<'a> {
     consumers: &'a Arc<crate::auth::Consumers>,
     consumer_headers: &'a Arc<crate::policy::auth::ConsumerHeaderNames>,
+    limiting: &'a Arc<crate::ratelimit::Limiting>,
     jwt_issuers: &'a Arc<crate::auth::jwt::Issuers>,
     base: std::path::PathBuf,
     /// Files compiled once for all the routes that name them (OpenAPI documents).
@@ -1100,6 +1112,9 @@ fn compile_route(
             auth_before,
             jwt_issuers: shared.jwt_issuers,
             cache: &shared.cache,
+            limiting: shared.limiting,
+            route: &r.name,
+            group: r.group.as_deref(),
         };
         if let Some(a) = &pol.auth {
             auth_before = Some(a);

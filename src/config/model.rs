@@ -58,6 +58,10 @@ pub struct Config {
     /// (`default`) when absent.
     #[serde(default)]
     pub priorities: Option<Priorities>,
+    /// Rate limits and quotas: backends, Redis, plans
+    /// (docs/traffic-control.md).
+    #[serde(default)]
+    pub rate_limiting: RateLimiting,
 }
 
 // ---------------------------------------------------------------- load shedding
@@ -130,6 +134,10 @@ pub struct Consumer {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub credentials: Credentials,
+    /// This consumer's own limits, replacing its plan's
+    /// (`rate_limiting.plans`); keyed by consumer unless they say otherwise.
+    #[serde(default)]
+    pub limits: Option<Vec<Limit>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -329,6 +337,191 @@ pub struct Introspection {
     /// Tokens longer than this are refused without asking the server.
     #[serde(default = "defaults::max_token_size")]
     pub max_token_size: Size,
+}
+
+// ---------------------------------------------------------------- rate limiting
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiting {
+    /// Where limits keep their counters unless a limit says otherwise.
+    #[serde(default)]
+    pub backend: LimitBackend,
+    #[serde(default)]
+    pub local: LocalLimits,
+    /// The Redis server of the `redis` and `hybrid` backends.
+    #[serde(default)]
+    pub redis: Option<RedisLimits>,
+    /// Plan name → limits applied (by `rate_limit` policies with `plans`)
+    /// to consumers of that plan, keyed by consumer by default.
+    #[serde(default)]
+    pub plans: BTreeMap<String, Vec<Limit>>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitBackend {
+    /// In memory, per instance.
+    #[default]
+    Local,
+    /// One Redis round trip per decision (exact across instances).
+    Redis,
+    /// Local decisions from allowances reserved from Redis in batches.
+    Hybrid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalLimits {
+    /// Keys kept in memory at most (per backend store); idle keys are
+    /// forgotten first.
+    #[serde(default = "defaults::max_limit_keys")]
+    pub max_keys: usize,
+}
+
+impl Default for LocalLimits {
+    fn default() -> Self {
+        LocalLimits {
+            max_keys: defaults::max_limit_keys(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisLimits {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Longest wait for one Redis call (connect included).
+    #[serde(default = "defaults::redis_timeout")]
+    pub timeout: Dur,
+    /// Prefix of every key (`{<prefix>:limit:...}`).
+    #[serde(default = "defaults::redis_prefix")]
+    pub prefix: String,
+    /// When Redis is unavailable: `fail_open` (limit locally, each
+    /// instance with the limit divided by `expected_instances`) or
+    /// `fail_closed` (503). Limits may override.
+    #[serde(default)]
+    pub on_error: FailMode,
+    /// How many gateway instances share the limits (for `fail_open`).
+    #[serde(default = "defaults::one_u32")]
+    pub expected_instances: u32,
+    /// Consecutive failed calls that open the circuit breaker.
+    #[serde(default = "defaults::three")]
+    pub failure_threshold: u32,
+    /// How long Redis is skipped once the breaker opened (then one call
+    /// probes it).
+    #[serde(default = "defaults::redis_cooldown")]
+    pub cooldown: Dur,
+    /// Hybrid mode: units an instance reserves per sync (the accuracy
+    /// bound is instances × batch per window). Limits may override.
+    #[serde(default = "defaults::limit_batch")]
+    pub batch: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    #[default]
+    FailOpen,
+    FailClosed,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CalendarWindow {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+/// A limit key: one part or a list of parts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum KeySpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One limit; exactly one of `rate`, `quota`, `concurrent`, `websockets`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// Unique within its list; the name in the RateLimit headers.
+    pub name: String,
+    /// Throttle (GCRA): this many requests per `per`...
+    #[serde(default)]
+    pub rate: Option<u64>,
+    /// ... (default 1s) ...
+    #[serde(default)]
+    pub per: Option<Dur>,
+    /// ... and at most this many at once (default: `rate`).
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Quota: this many requests per `window` or `sliding` window.
+    #[serde(default)]
+    pub quota: Option<u64>,
+    /// A calendar window in UTC: `minute`, `hour`, `day`, `month`.
+    #[serde(default)]
+    pub window: Option<CalendarWindow>,
+    /// A sliding window of this length (at least 1s).
+    #[serde(default)]
+    pub sliding: Option<Dur>,
+    /// At most this many requests in flight per key.
+    #[serde(default)]
+    pub concurrent: Option<u64>,
+    /// At most this many WebSocket (upgrade) connections open per key.
+    #[serde(default)]
+    pub websockets: Option<u64>,
+    /// This limit's own key (default: the policy's; plan and consumer
+    /// limits: `consumer`).
+    #[serde(default)]
+    pub key: Option<KeySpec>,
+    /// Default: `rate_limiting.backend`.
+    #[serde(default)]
+    pub backend: Option<LimitBackend>,
+    /// Default: `rate_limiting.redis.on_error`.
+    #[serde(default)]
+    pub on_error: Option<FailMode>,
+    /// Default: `rate_limiting.redis.batch`.
+    #[serde(default)]
+    pub batch: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// A missing part (no consumer, header absent) becomes the client IP.
+    #[default]
+    ClientIp,
+    /// The limit does not apply to the request.
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitPolicy {
+    /// The key of the limits (default `client_ip`).
+    #[serde(default)]
+    pub key: Option<KeySpec>,
+    /// What a missing key part means.
+    #[serde(default)]
+    pub missing_key: MissingKey,
+    /// Units each request counts for.
+    #[serde(default = "defaults::one_u64")]
+    pub cost: u64,
+    #[serde(default)]
+    pub limits: Vec<Limit>,
+    /// Also apply the consumer's own limits, or else its plan's.
+    #[serde(default = "defaults::yes")]
+    pub plans: bool,
+    /// `RateLimit-Policy` and `RateLimit` on every response.
+    #[serde(default = "defaults::yes")]
+    pub headers: bool,
+    /// `X-RateLimit-Limit`, `-Remaining`, `-Reset` too.
+    #[serde(default)]
+    pub legacy_headers: bool,
 }
 
 // ---------------------------------------------------------------- route groups
@@ -958,6 +1151,9 @@ pub struct Policy {
     /// Validate requests against the operations of an OpenAPI 3 document.
     #[serde(default)]
     pub openapi: Option<OpenApiPolicy>,
+    /// Rate limits, quotas and concurrency limits.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitPolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -1432,5 +1628,26 @@ pub(crate) mod defaults {
     }
     pub fn cb_statuses() -> Vec<StatusRange> {
         vec![StatusRange::Range("500-599".into())]
+    }
+    pub fn max_limit_keys() -> usize {
+        1_000_000
+    }
+    pub fn redis_timeout() -> Dur {
+        Dur(Duration::from_millis(100))
+    }
+    pub fn redis_prefix() -> String {
+        "portico".into()
+    }
+    pub fn one_u32() -> u32 {
+        1
+    }
+    pub fn one_u64() -> u64 {
+        1
+    }
+    pub fn redis_cooldown() -> Dur {
+        Dur(Duration::from_secs(5))
+    }
+    pub fn limit_batch() -> u64 {
+        100
     }
 }

@@ -208,6 +208,35 @@ pub const UNMATCHED_ROUTE: &str = "(unmatched)";
 
 /// One route's series. Shared by every listener that serves the route and
 /// carried across reloads by route name.
+/// How a `rate_limit` policy decided a request (the `result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitResult {
+    Allowed,
+    Limited,
+    /// Decided by the local fallback because Redis was unavailable.
+    FailOpen,
+    /// Refused with 503 because Redis was unavailable.
+    FailClosed,
+}
+
+impl LimitResult {
+    pub const ALL: [LimitResult; 4] = [
+        LimitResult::Allowed,
+        LimitResult::Limited,
+        LimitResult::FailOpen,
+        LimitResult::FailClosed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitResult::Allowed => "allowed",
+            LimitResult::Limited => "limited",
+            LimitResult::FailOpen => "fail_open",
+            LimitResult::FailClosed => "fail_closed",
+        }
+    }
+}
+
 pub struct RouteMetrics {
     pub name: Arc<str>,
     /// Requests without a consumer (slot 0), allocated up front.
@@ -218,6 +247,8 @@ pub struct RouteMetrics {
     auth_failures: [[AtomicU64; crate::auth::Reason::COUNT]; crate::auth::Method::ALL.len()],
     /// Requests whose client went away before the response headers.
     cancelled: AtomicU64,
+    /// `rate_limit` decisions by [`LimitResult`].
+    rate_limits: [AtomicU64; LimitResult::ALL.len()],
     pub duration: Histogram,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -240,6 +271,7 @@ impl RouteMetrics {
             by_consumer: ByConsumer::default(),
             auth_failures: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             cancelled: AtomicU64::new(0),
+            rate_limits: std::array::from_fn(|_| AtomicU64::new(0)),
             duration: Histogram::default(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -301,6 +333,16 @@ impl RouteMetrics {
     #[inline]
     pub fn auth_failure(&self, method: crate::auth::Method, reason: crate::auth::Reason) {
         self.auth_failures[method.index()][reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// One `rate_limit` policy decision.
+    #[inline]
+    pub fn rate_limit(&self, r: LimitResult) {
+        self.rate_limits[r as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn rate_limits(&self, r: LimitResult) -> u64 {
+        self.rate_limits[r as usize].load(Relaxed)
     }
 
     pub fn auth_failures(&self, method: usize, reason: usize) -> u64 {

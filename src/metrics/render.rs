@@ -83,6 +83,23 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
         }
     }
     e.family(
+        "portico_rate_limit_decisions",
+        Kind::Counter,
+        "Decisions of rate_limit policies, by route and result (allowed, limited, fail_open, fail_closed).",
+    );
+    for r in &routes {
+        for res in crate::metrics::LimitResult::ALL {
+            let n = r.rate_limits(res);
+            if n > 0 {
+                e.counter(
+                    "portico_rate_limit_decisions",
+                    &[("route", &r.name), ("result", res.as_str())],
+                    n,
+                );
+            }
+        }
+    }
+    e.family(
         "portico_requests_cancelled",
         Kind::Counter,
         "Requests whose client went away before the response headers, by route.",

@@ -39,6 +39,11 @@ pub struct Env<'a> {
     pub jwt_issuers: &'a crate::auth::jwt::Issuers,
     /// What one compile shares between routes.
     pub cache: &'a Cache,
+    /// Rate limiting's shared state (plans, counters, Redis).
+    pub limiting: &'a Arc<crate::ratelimit::Limiting>,
+    /// The route's name, and its group's (limit ids are scoped by them).
+    pub route: &'a str,
+    pub group: Option<&'a str>,
 }
 
 /// Files compiled once per snapshot however many routes (or route groups)
@@ -61,6 +66,10 @@ pub fn compile(p: &str, pol: &model::Policy, env: &Env, err: Err) -> Option<Box<
     if let Some(a) = &pol.access {
         return access(&format!("{p}.access"), a, env, err).map(|x| Box::new(x) as Box<dyn Policy>);
     }
+    if let Some(r) = &pol.rate_limit {
+        return rate_limit(&format!("{p}.rate_limit"), p, r, env, err)
+            .map(|x| Box::new(x) as Box<dyn Policy>);
+    }
     if let Some(c) = &pol.cors {
         return super::cors::compile(&format!("{p}.cors"), c, err)
             .map(|x| Box::new(x) as Box<dyn Policy>);
@@ -77,7 +86,7 @@ pub fn compile(p: &str, pol: &model::Policy, env: &Env, err: Err) -> Option<Box<
 }
 
 /// The names of the policies a step may hold, for "exactly one" errors.
-pub const KNOWN: &str = "headers, auth, access, cors, validate, openapi";
+pub const KNOWN: &str = "headers, auth, access, cors, validate, openapi, rate_limit";
 
 /// How many policies a step names.
 pub fn count(pol: &model::Policy) -> usize {
@@ -88,6 +97,7 @@ pub fn count(pol: &model::Policy) -> usize {
         pol.cors.is_some(),
         pol.validate.is_some(),
         pol.openapi.is_some(),
+        pol.rate_limit.is_some(),
     ]
     .iter()
     .filter(|x| **x)
@@ -461,6 +471,61 @@ fn same_source(
         )
     };
     norm(a) == norm(b)
+}
+
+fn rate_limit(
+    p: &str,
+    step: &str,
+    r: &model::RateLimitPolicy,
+    env: &Env,
+    err: Err,
+) -> Option<super::ratelimit::RateLimitPolicy> {
+    let mut failed = false;
+    let mut e = |k: String, m: String| {
+        failed = true;
+        err(k, m)
+    };
+    let key = match &r.key {
+        Some(k) => crate::ratelimit::parse_key(&format!("{p}.key"), k, &mut e),
+        None => Some(Box::from([crate::ratelimit::KeyPart::ClientIp])),
+    };
+    if r.cost == 0 {
+        e(format!("{p}.cost"), "must be at least 1".into());
+    }
+    if r.limits.is_empty() && !r.plans {
+        e(
+            format!("{p}.limits"),
+            "list at least one limit (or keep `plans`)".into(),
+        );
+    }
+    let key = key?;
+    // Limits defined in a route group are shared by its routes.
+    let scope = match env.group {
+        Some(g) if step.starts_with("route_groups") => format!("group:{g}"),
+        _ => format!("route:{}", env.route),
+    };
+    let limits = crate::ratelimit::compile_list(
+        &format!("{p}.limits"),
+        &scope,
+        &r.limits,
+        &key,
+        &env.limiting.defaults,
+        &mut e,
+    );
+    if failed {
+        return None;
+    }
+    Some(super::ratelimit::RateLimitPolicy {
+        key,
+        missing_skip: r.missing_key == model::MissingKey::Skip,
+        cost: r.cost,
+        limits,
+        plans: r.plans,
+        headers: r.headers,
+        legacy_headers: r.legacy_headers,
+        limiting: env.limiting.clone(),
+        metrics: env.metrics.clone(),
+    })
 }
 
 /// Headers a claim may not be mapped to (hop-by-hop, framing, host).

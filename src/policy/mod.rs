@@ -15,6 +15,7 @@ pub mod compile;
 pub mod cors;
 pub mod headers;
 pub mod openapi;
+pub mod ratelimit;
 pub mod validate;
 
 use crate::body::Body;
@@ -69,6 +70,9 @@ pub struct Ctx {
     /// `proxy` action; moved into the `Outcome` to last as long as the
     /// response body.
     pub upstream_slot: Option<crate::upstream::adaptive::Permit>,
+    /// What each `rate_limit` policy decided, for its `on_response`
+    /// (empty, unallocated, on routes without one).
+    pub rate_limits: Vec<crate::policy::ratelimit::Verdict>,
 }
 
 impl Ctx {

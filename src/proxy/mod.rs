@@ -238,6 +238,13 @@ impl ProxyAction {
         } else {
             None
         };
+        // What a policy wants kept for the tunnel's life (a WebSocket
+        // connection limit's slot).
+        let keep = if upgrade {
+            parts.extensions.remove::<crate::body::Keep>()
+        } else {
+            None
+        };
 
         // Request target: origin-form, rewritten if configured.
         let needs_new_uri = self.rewrite.is_some() || parts.uri.scheme().is_some();
@@ -329,7 +336,7 @@ impl ProxyAction {
             self.protect(&result, ticket, started_ms, ctx.upstream);
         }
         let (resp, lease) = result?;
-        Ok(self.respond(resp, lease, upgrade, client_upgrade, deadline))
+        Ok(self.respond(resp, lease, upgrade, (client_upgrade, keep), deadline))
     }
 
     /// Reports the exchange's result to the circuit breaker and its latency
@@ -570,7 +577,7 @@ impl ProxyAction {
         resp: Response<Incoming>,
         mut lease: Lease,
         upgrade: bool,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        (client_upgrade, keep): (Option<hyper::upgrade::OnUpgrade>, Option<crate::body::Keep>),
         deadline: Option<tokio::time::Instant>,
     ) -> Response<Body> {
         let (mut parts, incoming) = resp.into_parts();
@@ -583,7 +590,7 @@ impl ProxyAction {
             if let (Some(client_upgrade), Some(upstream_upgrade)) =
                 (client_upgrade, upstream_upgrade)
             {
-                tokio::spawn(splice(client_upgrade, upstream_upgrade, lease));
+                tokio::spawn(splice(client_upgrade, upstream_upgrade, lease, keep));
             }
             return Response::from_parts(parts, Body::Empty);
         }
@@ -611,6 +618,7 @@ async fn splice(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     lease: Lease,
+    keep: Option<crate::body::Keep>,
 ) {
     let _tunnel = TunnelGuard::new();
     let (c, u) = tokio::join!(client, upstream);
@@ -629,6 +637,7 @@ async fn splice(
         }
     }
     drop(lease);
+    drop(keep);
 }
 
 #[cfg(test)]

@@ -229,6 +229,7 @@ async fn respond(
         priority: 0,
         priority_share: 1.0,
         upstream_slot: None,
+        rate_limits: Vec::new(),
     };
     let body_limit = route.max_body_bytes.unwrap_or(lr.spec.max_body_bytes);
     if let Some(e) = declared_body_too_large(req.headers(), body_limit) {

@@ -38,6 +38,7 @@ mod lifecycle;
 mod limits;
 mod observability;
 mod proxying;
+mod ratelimit;
 mod resilience;
 mod routing;
 mod shedding;

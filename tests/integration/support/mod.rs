@@ -17,6 +17,7 @@ pub mod h2raw;
 pub mod introspection;
 pub mod live;
 pub mod metrics;
+pub mod redis;
 pub mod tls;
 pub mod traffic;
 pub mod upstream;

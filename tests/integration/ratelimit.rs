@@ -1,0 +1,646 @@
+//! Rate limits through real gateways: the RateLimit headers on allowed,
+//! limited and gateway-error responses, the 429 body and `Retry-After`,
+//! keys of every kind, plan limits and per-consumer overrides, costs,
+//! concurrency and WebSocket-connection limits; then against a real
+//! `redis-server`: three gateways sharing one limit in strict and hybrid
+//! mode, and Redis killed and restarted under fail_open and fail_closed.
+//! No assertion is about timing; every loop is bounded.
+
+use super::support::metrics::scrape;
+use super::support::redis::RedisServer;
+use super::support::{client, gateway, live, upstream, TestGateway};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::Request;
+use http_body_util::Full;
+use std::time::Duration;
+
+const KEY_ALICE: &str = "alice-key-0123456789abcdef";
+const KEY_BOB: &str = "bob-key-0123456789abcdef00";
+const KEY_CAROL: &str = "carol-key-0123456789abcdef";
+
+fn sha(k: &str) -> String {
+    portico::auth::sha256_hex(k.as_bytes())
+}
+
+async fn get(gw: &TestGateway, path: &str, headers: &[(&str, &str)]) -> client::Reply {
+    let mut b = Request::get(gw.url(path));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client::send(b.body(Full::new(Bytes::new())).unwrap()),
+    )
+    .await
+    .expect("the gateway answers")
+}
+
+/// How many of `n` requests were admitted (200), checking that every
+/// other answer is a 429.
+async fn admitted(gw: &TestGateway, path: &str, headers: &[(&str, &str)], n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        let r = get(gw, path, headers).await;
+        match r.status.as_u16() {
+            200 => ok += 1,
+            429 => {}
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    ok
+}
+
+fn base(up: std::net::SocketAddr, extra: &str, routes: &str) -> String {
+    format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+admin:
+  address: 127.0.0.1:0
+upstreams:
+  - name: up
+    targets: [{{address: '{up}'}}]
+  - name: dead
+    targets: [{{address: '127.0.0.1:1'}}]
+{extra}
+routes:
+{routes}"#
+    )
+}
+
+#[tokio::test]
+async fn headers_on_allowed_limited_and_gateway_error_responses() {
+    let up = upstream::echo().await;
+    let gw = gateway(&base(
+        up.addr,
+        "",
+        r#"  - name: limited
+    match: {path_prefix: /limited}
+    policies:
+      - rate_limit:
+          legacy_headers: true
+          limits:
+            - {name: daily, quota: 3, window: day}
+            - {name: burst, rate: 100, burst: 50}
+    action: {proxy: {upstream: up}}
+  - name: broken
+    match: {path_prefix: /broken}
+    policies:
+      - rate_limit:
+          limits: [{name: hourly, quota: 5, window: hour}]
+    action: {proxy: {upstream: dead}}
+"#,
+    ))
+    .await;
+
+    for i in 0..3u64 {
+        let r = get(&gw, "/limited", &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some("\"daily\";q=3;w=86400, \"burst\";q=50;w=1")
+        );
+        let state = r.header("ratelimit").unwrap();
+        assert!(
+            state.starts_with(&format!("\"daily\";r={};t=", 2 - i)),
+            "{state}"
+        );
+        assert!(
+            state.contains(&format!("\"burst\";r={};t=", 49 - i)),
+            "{state}"
+        );
+        assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
+        assert_eq!(
+            r.header("x-ratelimit-remaining"),
+            Some((2 - i).to_string().as_str())
+        );
+    }
+    let r = get(&gw, "/limited", &[]).await;
+    assert_eq!(r.status, 429);
+    let body = r.json();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(body["error"]["status"], 429);
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry), "{retry}");
+    assert!(r
+        .header("ratelimit")
+        .unwrap()
+        .starts_with("\"daily\";r=0;t="));
+    assert!(r.header("ratelimit-policy").is_some());
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert!(r.header("x-request-id").is_some());
+    assert_eq!(
+        up.hits(),
+        3,
+        "the refused request never reached the upstream"
+    );
+
+    // A gateway-made error (502) still carries the headers.
+    let r = get(&gw, "/broken", &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("ratelimit-policy"), Some("\"hourly\";q=5;w=3600"));
+    assert!(r
+        .header("ratelimit")
+        .unwrap()
+        .starts_with("\"hourly\";r=4;t="));
+
+    let m = scrape(gw.running.admin_addr(), None).await;
+    let d = |route: &str, result: &str| {
+        m.find(
+            "portico_rate_limit_decisions_total",
+            &[("route", route), ("result", result)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(d("limited", "allowed"), 3.0);
+    assert_eq!(d("limited", "limited"), 1.0);
+    assert_eq!(d("broken", "allowed"), 1.0);
+}
+
+#[tokio::test]
+async fn keys_of_every_kind() {
+    let up = upstream::echo().await;
+    let consumers = format!(
+        r#"consumers:
+  - id: alice
+    groups: [team-a]
+    plan: free
+    credentials: {{api_keys: [{{sha256: {a}}}]}}
+  - id: bob
+    groups: [team-a]
+    plan: pro
+    credentials: {{api_keys: [{{sha256: {b}}}]}}
+  - id: carol
+    groups: [team-c]
+    plan: free
+    credentials: {{api_keys: [{{sha256: {c}}}]}}"#,
+        a = sha(KEY_ALICE),
+        b = sha(KEY_BOB),
+        c = sha(KEY_CAROL)
+    );
+    let route = |name: &str, key: &str, extra: &str| {
+        format!(
+            r#"  - name: {name}
+    match: {{path_prefix: /{name}}}
+    policies:
+      - auth: {{methods: [{{api_key: {{}}}}], anonymous: true}}
+      - rate_limit:
+          key: {key}
+          plans: false
+          {extra}
+          limits: [{{name: q, quota: 2, window: day}}]
+    action: {{proxy: {{upstream: up}}}}
+"#
+        )
+    };
+    let routes = [
+        route("by-ip", "client_ip", ""),
+        route("by-consumer", "consumer", ""),
+        route("by-group", "group", ""),
+        route("by-plan", "plan", ""),
+        route("by-header", "header:x-tenant", ""),
+        route("by-pair", "[consumer, header:x-tenant]", ""),
+        route("skip-missing", "header:x-tenant", "missing_key: skip"),
+        route("by-route-a", "route", ""),
+        route("by-route-b", "route", ""),
+    ]
+    .concat();
+    let gw = gateway(&base(up.addr, &consumers, &routes)).await;
+    let a = [("x-api-key", KEY_ALICE)];
+    let b = [("x-api-key", KEY_BOB)];
+    let c = [("x-api-key", KEY_CAROL)];
+
+    // Client IP: everyone on loopback shares it.
+    assert_eq!(admitted(&gw, "/by-ip", &a, 1).await, 1);
+    assert_eq!(admitted(&gw, "/by-ip", &b, 3).await, 1);
+    // Consumer: each their own; anonymous requests fall back to the IP.
+    assert_eq!(admitted(&gw, "/by-consumer", &a, 3).await, 2);
+    assert_eq!(admitted(&gw, "/by-consumer", &b, 3).await, 2);
+    assert_eq!(admitted(&gw, "/by-consumer", &[], 3).await, 2);
+    // Group: alice and bob share team-a; carol has team-c.
+    assert_eq!(admitted(&gw, "/by-group", &a, 1).await, 1);
+    assert_eq!(admitted(&gw, "/by-group", &b, 3).await, 1);
+    assert_eq!(admitted(&gw, "/by-group", &c, 3).await, 2);
+    // Plan: alice and carol share free.
+    assert_eq!(admitted(&gw, "/by-plan", &a, 1).await, 1);
+    assert_eq!(admitted(&gw, "/by-plan", &c, 3).await, 1);
+    assert_eq!(admitted(&gw, "/by-plan", &b, 3).await, 2);
+    // Header: per tenant; absent falls back to the client IP.
+    assert_eq!(
+        admitted(&gw, "/by-header", &[("x-tenant", "t1")], 3).await,
+        2
+    );
+    assert_eq!(
+        admitted(&gw, "/by-header", &[("x-tenant", "t2")], 3).await,
+        2
+    );
+    assert_eq!(admitted(&gw, "/by-header", &[], 3).await, 2);
+    // A combination: consumer × tenant.
+    let at1 = [("x-api-key", KEY_ALICE), ("x-tenant", "t1")];
+    let at2 = [("x-api-key", KEY_ALICE), ("x-tenant", "t2")];
+    let bt1 = [("x-api-key", KEY_BOB), ("x-tenant", "t1")];
+    assert_eq!(admitted(&gw, "/by-pair", &at1, 3).await, 2);
+    assert_eq!(admitted(&gw, "/by-pair", &at2, 3).await, 2);
+    assert_eq!(admitted(&gw, "/by-pair", &bt1, 3).await, 2);
+    // `missing_key: skip`: no tenant, no limit (and no headers).
+    assert_eq!(admitted(&gw, "/skip-missing", &[], 5).await, 5);
+    let r = get(&gw, "/skip-missing", &[]).await;
+    assert!(r.header("ratelimit").is_none());
+    assert_eq!(
+        admitted(&gw, "/skip-missing", &[("x-tenant", "t9")], 3).await,
+        2
+    );
+    // Route: each route its own counter.
+    assert_eq!(admitted(&gw, "/by-route-a", &a, 3).await, 2);
+    assert_eq!(admitted(&gw, "/by-route-b", &b, 3).await, 2);
+}
+
+#[tokio::test]
+async fn plan_limits_consumer_overrides_and_costs() {
+    let up = upstream::echo().await;
+    let extra = format!(
+        r#"rate_limiting:
+  plans:
+    free: [{{name: daily, quota: 2, window: day}}]
+    pro: [{{name: daily, quota: 4, window: day}}]
+consumers:
+  - id: alice
+    plan: free
+    credentials: {{api_keys: [{{sha256: {a}}}]}}
+  - id: bob
+    plan: free
+    limits: [{{name: special, quota: 3, window: month}}]
+    credentials: {{api_keys: [{{sha256: {b}}}]}}
+  - id: carol
+    plan: pro
+    credentials: {{api_keys: [{{sha256: {c}}}]}}"#,
+        a = sha(KEY_ALICE),
+        b = sha(KEY_BOB),
+        c = sha(KEY_CAROL)
+    );
+    let routes = r#"  - name: api
+    match: {path_prefix: /api}
+    policies:
+      - auth: {methods: [{api_key: {}}], anonymous: true}
+      - rate_limit:
+          limits: [{name: route-wide, quota: 100, window: day}]
+    action: {proxy: {upstream: up}}
+  - name: costly
+    match: {path_prefix: /costly}
+    policies:
+      - rate_limit:
+          cost: 5
+          plans: false
+          limits: [{name: units, quota: 12, window: hour}]
+    action: {proxy: {upstream: up}}
+"#;
+    let gw = gateway(&base(up.addr, &extra, routes)).await;
+    assert_eq!(
+        admitted(&gw, "/api", &[("x-api-key", KEY_ALICE)], 4).await,
+        2
+    );
+    assert_eq!(admitted(&gw, "/api", &[("x-api-key", KEY_BOB)], 5).await, 3);
+    assert_eq!(
+        admitted(&gw, "/api", &[("x-api-key", KEY_CAROL)], 6).await,
+        4
+    );
+    // Anonymous: only the route's own limit.
+    assert_eq!(admitted(&gw, "/api", &[], 5).await, 5);
+    let r = get(&gw, "/api", &[("x-api-key", KEY_BOB)]).await;
+    assert_eq!(
+        r.header("ratelimit-policy")
+            .map(|p| p.starts_with("\"route-wide\";q=100;w=86400, \"special\";q=3;w=")),
+        Some(true),
+        "{:?}",
+        r.header("ratelimit-policy")
+    );
+    // Cost 5 out of 12: two requests.
+    assert_eq!(admitted(&gw, "/costly", &[], 4).await, 2);
+}
+
+#[tokio::test]
+async fn concurrency_limit_releases_when_the_body_ends() {
+    let up = upstream::slow(Duration::from_millis(1500)).await;
+    let gw = gateway(&base(
+        up.addr,
+        "",
+        r#"  - name: slow
+    match: {path_prefix: /slow}
+    policies:
+      - rate_limit:
+          limits: [{name: inflight, concurrent: 2}]
+    action: {proxy: {upstream: up}}
+"#,
+    ))
+    .await;
+    let url = gw.url("/slow");
+    let first: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { client::get(&url).await })
+        })
+        .collect();
+    // Bounded wait until both are in flight at the upstream.
+    for _ in 0..200 {
+        if up.hits() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.hits(), 2);
+    let r = get(&gw, "/slow", &[]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "rate_limited");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"inflight\";q=2"));
+    for h in first {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // Both finished: slots are free again.
+    let r = get(&gw, "/slow", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit"), Some("\"inflight\";r=1;t=0"));
+}
+
+#[tokio::test]
+async fn websocket_connections_per_consumer() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let up = live::ws_echo().await;
+    let extra = format!(
+        r#"consumers:
+  - id: alice
+    credentials: {{api_keys: [{{sha256: {a}}}]}}
+  - id: bob
+    credentials: {{api_keys: [{{sha256: {b}}}]}}"#,
+        a = sha(KEY_ALICE),
+        b = sha(KEY_BOB)
+    );
+    let gw = gateway(&base(
+        up.addr,
+        &extra,
+        r#"  - name: ws
+    match: {path: /chat}
+    policies:
+      - auth: {methods: [{api_key: {}}]}
+      - rate_limit:
+          key: consumer
+          limits: [{name: sockets, websockets: 1}]
+    action: {proxy: {upstream: up}}
+"#,
+    ))
+    .await;
+    let connect = |key: &'static str| {
+        let mut req = format!("ws://{}/chat", gw.addr())
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert("x-api-key", key.parse().unwrap());
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio_tungstenite::connect_async(req),
+            )
+            .await
+            .expect("handshake answered")
+        }
+    };
+    let (mut ws1, resp) = connect(KEY_ALICE).await.expect("first socket");
+    assert_eq!(resp.status(), 101);
+    // Plain requests do not count against a WebSocket limit.
+    assert_eq!(
+        admitted(&gw, "/chat", &[("x-api-key", KEY_ALICE)], 2).await,
+        2
+    );
+    // A second socket for alice is refused; bob has his own.
+    match connect(KEY_ALICE).await {
+        Err(WsError::Http(r)) => assert_eq!(r.status(), 429),
+        other => panic!("expected 429, got {:?}", other.map(|x| x.1.status())),
+    }
+    let (mut ws_bob, resp) = connect(KEY_BOB).await.expect("bob's socket");
+    assert_eq!(resp.status(), 101);
+    // The tunnel works while it holds the slot.
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    ws1.send(Message::text("hi")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), ws1.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Message::text("hi"));
+    // Closing the tunnel frees the slot (released when it ends: bounded retries).
+    ws1.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws1.next()).await {}
+    drop(ws1);
+    let mut reopened = None;
+    for _ in 0..100 {
+        match connect(KEY_ALICE).await {
+            Ok((ws, r)) => {
+                assert_eq!(r.status(), 101);
+                reopened = Some(ws);
+                break;
+            }
+            Err(WsError::Http(r)) if r.status() == 429 => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(reopened.is_some(), "the slot was never released");
+    ws_bob.close(None).await.unwrap();
+}
+
+// ---------------------------------------------------------------- Redis
+
+fn redis_config(redis: &str, backend: &str, extra_redis: &str, routes: &str) -> String {
+    format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+admin:
+  address: 127.0.0.1:0
+upstreams:
+  - name: up
+    targets: [{{address: '{{UP}}'}}]
+rate_limiting:
+  backend: {backend}
+  redis:
+    url: {redis}
+    timeout: 500ms
+    cooldown: 1s
+{extra_redis}
+routes:
+{routes}"#
+    )
+}
+
+async fn three(cfg: &str, up: std::net::SocketAddr) -> Vec<TestGateway> {
+    let cfg = cfg.replace("{UP}", &up.to_string());
+    let mut v = Vec::new();
+    for _ in 0..3 {
+        v.push(gateway(&cfg).await);
+    }
+    v
+}
+
+#[tokio::test]
+async fn strict_redis_limits_are_exact_across_three_instances() {
+    let redis = RedisServer::start().await;
+    let up = upstream::echo().await;
+    let cfg = redis_config(
+        &redis.url(),
+        "redis",
+        "",
+        r#"  - name: api
+    match: {path_prefix: /}
+    policies:
+      - rate_limit:
+          limits:
+            - {name: daily, quota: 20, window: day}
+            - {name: sliding, quota: 1000, sliding: 1m}
+            - {name: burst, rate: 1000, burst: 500}
+    action: {proxy: {upstream: up}}
+"#,
+    );
+    let gws = three(&cfg, up.addr).await;
+    let mut ok = 0;
+    for i in 0..60 {
+        let r = get(&gws[i % 3], "/x", &[]).await;
+        match r.status.as_u16() {
+            200 => ok += 1,
+            429 => assert!(r.header("retry-after").is_some()),
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(ok, 20, "one shared count: exactly the quota");
+    assert_eq!(up.hits(), 20);
+}
+
+#[tokio::test]
+async fn hybrid_limits_stay_within_the_documented_bound() {
+    let redis = RedisServer::start().await;
+    let up = upstream::echo().await;
+    const QUOTA: usize = 60;
+    const BATCH: usize = 5;
+    let cfg = redis_config(
+        &redis.url(),
+        "hybrid",
+        &format!("    batch: {BATCH}"),
+        &format!(
+            r#"  - name: api
+    match: {{path_prefix: /}}
+    policies:
+      - rate_limit:
+          limits: [{{name: daily, quota: {QUOTA}, window: day}}]
+    action: {{proxy: {{upstream: up}}}}
+"#
+        ),
+    );
+    let gws = three(&cfg, up.addr).await;
+    let mut ok = 0;
+    // Enough requests to exhaust the quota many times over; a short pause
+    // now and then lets the background syncs land.
+    for i in 0..400 {
+        if admitted(&gws[i % 3], "/x", &[], 1).await == 1 {
+            ok += 1;
+        }
+        if i % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let bound = 3 * BATCH;
+    eprintln!("hybrid: {ok} admitted of quota {QUOTA} (bound ±{bound})");
+    assert!(
+        ok <= QUOTA + bound,
+        "admitted {ok}, more than quota {QUOTA} + N×batch {bound}"
+    );
+    assert!(
+        ok + bound >= QUOTA,
+        "admitted {ok}, less than quota {QUOTA} − N×batch {bound}"
+    );
+}
+
+#[tokio::test]
+async fn redis_outage_fail_open_and_fail_closed_then_recovery() {
+    let mut redis = RedisServer::start().await;
+    let up = upstream::echo().await;
+    let cfg = redis_config(
+        &redis.url(),
+        "redis",
+        "    expected_instances: 2\n    failure_threshold: 2",
+        r#"  - name: open
+    match: {path_prefix: /open}
+    policies:
+      - rate_limit:
+          limits: [{name: daily, quota: 10, window: day, on_error: fail_open}]
+    action: {proxy: {upstream: up}}
+  - name: closed
+    match: {path_prefix: /closed}
+    policies:
+      - rate_limit:
+          limits: [{name: daily, quota: 100, window: day, on_error: fail_closed}]
+    action: {proxy: {upstream: up}}
+  - name: hybrid
+    match: {path_prefix: /hybrid}
+    policies:
+      - rate_limit:
+          limits: [{name: daily, quota: 1000, window: day, backend: hybrid, on_error: fail_closed}]
+    action: {proxy: {upstream: up}}
+"#,
+    )
+    .replace("{UP}", &up.addr.to_string());
+    let gw = gateway(&cfg).await;
+    assert_eq!(admitted(&gw, "/open", &[], 2).await, 2);
+    assert_eq!(get(&gw, "/closed", &[]).await.status, 200);
+    assert_eq!(get(&gw, "/hybrid", &[]).await.status, 200);
+
+    redis.kill();
+    // fail_open: the local fallback allows quota / expected_instances = 5.
+    assert_eq!(admitted(&gw, "/open", &[], 12).await, 5);
+    // fail_closed: 503 limiter_unavailable, answered every time.
+    for _ in 0..10 {
+        let r = get(&gw, "/closed", &[]).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.json()["error"]["code"], "limiter_unavailable");
+    }
+    // Hybrid fails closed once the breaker knows Redis is down (bounded).
+    let mut saw_503 = false;
+    for _ in 0..50 {
+        let r = get(&gw, "/hybrid", &[]).await;
+        assert!(matches!(r.status.as_u16(), 200 | 429 | 503), "{}", r.status);
+        if r.status == 503 {
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_503, "hybrid never noticed the outage");
+    let m = scrape(gw.running.admin_addr(), None).await;
+    assert!(
+        m.value(
+            "portico_rate_limit_decisions_total",
+            &[("route", "open"), ("result", "fail_open")]
+        ) >= 12.0
+    );
+    assert!(
+        m.value(
+            "portico_rate_limit_decisions_total",
+            &[("route", "closed"), ("result", "fail_closed")]
+        ) >= 10.0
+    );
+
+    // Redis comes back (empty): recovery is automatic after the cooldown.
+    redis.restart().await;
+    let mut recovered = false;
+    for _ in 0..200 {
+        if get(&gw, "/closed", &[]).await.status == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "fail_closed limit never recovered");
+    // And the Redis count is used again: 10 per day from an empty Redis.
+    assert_eq!(admitted(&gw, "/open", &[], 12).await, 10);
+}
