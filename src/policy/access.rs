@@ -194,6 +194,7 @@ mod tests {
             priority: 0,
             priority_share: 1.0,
             upstream_slot: None,
+            rate_limits: Vec::new(),
             forwarded: Arc::new(crate::proxy::forward::ConnForwarded::new(
                 "127.0.0.1".parse().unwrap(),
                 false,

@@ -979,6 +979,12 @@ components:
         ));
         let metrics = Arc::new(crate::metrics::RouteMetrics::new("r".into()));
         let cache = crate::policy::compile::Cache::default();
+        let limiting = Arc::new(crate::ratelimit::compile(
+            &Default::default(),
+            None,
+            None,
+            &mut |_, _| {},
+        ));
         let env = Env {
             consumers: &consumers,
             consumer_headers: &headers,
@@ -988,6 +994,9 @@ components:
             introspection: &Default::default(),
             auth_before: None,
             jwt_issuers: &Default::default(),
+            limiting: &limiting,
+            route: "r",
+            group: None,
         };
         let cfg = |spec: &str| model::OpenApiPolicy {
             spec: spec.into(),
