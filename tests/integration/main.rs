@@ -23,6 +23,7 @@ mod smoke {
 }
 
 mod access_log;
+mod aggregate;
 mod auth_keys;
 mod balancing;
 mod config_cli;
