@@ -4,7 +4,7 @@
 # and the aggregated request's p99 against the p99 of each call proxied alone.
 #
 # Method as in ../shared/bench/proxy-bench (see its README): its own nginx JSON
-# origin (1 worker, keep-alive, no access log) on 127.0.0.1:18081; Portico
+# origin (1 worker, keep-alive, no access log) on 127.0.0.1:18081 (ORIGIN_PORT); Portico
 # (1 worker) pinned to CPU 1; the origin and wrk pinned to CPU 0; scenarios
 # interleaved for ROUNDS rounds; Portico's CPU read from /proc/PID/stat over
 # each wrk run; foreign load reported from /proc/stat.
@@ -12,6 +12,7 @@
 #   bench/aggregate.sh                      # builds the release binary first
 #   ROUNDS=5 DURATION=5 bench/aggregate.sh
 #   PORTICO=/tmp/portico-bench bench/aggregate.sh   # a copied binary
+#   ORIGIN_PORT=18091 LISTEN_PORT=18090 bench/aggregate.sh   # ports taken
 #
 # Scenarios per round:
 #   agg      wrk -c$CONNECTIONS on GET /screen (3 calls aggregated)
@@ -27,6 +28,8 @@ LAT_CONNECTIONS=${LAT_CONNECTIONS:-1}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 PORTICO=${PORTICO:-}
+ORIGIN_PORT=${ORIGIN_PORT:-18081}
+LISTEN_PORT=${LISTEN_PORT:-18080}
 if [ -z "$PORTICO" ]; then
   CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}" cargo build --release --quiet
   PORTICO=/tmp/portico-aggregate-bench
@@ -36,6 +39,13 @@ for tool in nginx wrk taskset; do
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool" >&2; exit 1; }
 done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+for port in "$ORIGIN_PORT" "$LISTEN_PORT"; do
+  if ss -ltnH "sport = :$port" | grep -q .; then
+    echo "port $port is taken (another benchmark?): set ORIGIN_PORT / LISTEN_PORT" >&2
+    exit 1
+  fi
+done
 
 tmp=$(mktemp -d /tmp/aggregate-bench.XXXXXX)
 chmod 755 "$tmp"
@@ -65,7 +75,7 @@ http {
   uwsgi_temp_path $tmp/uw;
   scgi_temp_path $tmp/sc;
   server {
-    listen 127.0.0.1:18081 backlog=4096;
+    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
     location = /profile { return 200 '{"id":42,"name":"Ada Lovelace","avatar":"https://cdn.example/a/42.png","bio":"Analyst"}'; }
     location = /posts { return 200 '{"items":[{"id":1,"title":"Notes on the engine","likes":12},{"id":2,"title":"On Bernoulli numbers","likes":7},{"id":3,"title":"Poetical science","likes":3}],"next":"c2"}'; }
     location = /notifications { return 200 '{"unread":3}'; }
@@ -74,18 +84,25 @@ http {
 CONF
 taskset -c "$LOAD_CPU" "$NGINX" -p "$tmp" -c "$tmp/nginx.conf" >"$tmp/nginx.log" 2>&1 &
 pids+=($!)
-BENCH_LISTEN=127.0.0.1:18080 BENCH_UPSTREAM=127.0.0.1:18081 BENCH_WORKERS=1 \
-  taskset -c "$PROXY_CPU" "$PORTICO" run --config bench/aggregate.yaml >"$tmp/portico.log" 2>&1 &
-portico_pid=$!
-pids+=("$portico_pid")
+(exec env BENCH_LISTEN="127.0.0.1:$LISTEN_PORT" BENCH_UPSTREAM="127.0.0.1:$ORIGIN_PORT" BENCH_WORKERS=1 \
+  taskset -c "$PROXY_CPU" "$PORTICO" run --config bench/aggregate.yaml >"$tmp/portico.log" 2>&1) &
+pids+=($!)
 
 ready() { curl -fsS -o /dev/null "http://127.0.0.1:$1$2" 2>/dev/null; }
 for _ in $(seq 1 100); do
-  ready 18081 /profile && ready 18080 /screen && break
+  ready "$ORIGIN_PORT" /profile && ready "$LISTEN_PORT" /screen && break
   sleep 0.1
 done
-ready 18080 /screen || { echo "portico or the origin did not start" >&2; cat "$tmp"/*.log >&2; exit 1; }
-echo "sanity: $(curl -fsS http://127.0.0.1:18080/screen)"
+ready "$LISTEN_PORT" /screen || { echo "portico or the origin did not start" >&2; cat "$tmp"/*.log >&2; exit 1; }
+# The process listening on LISTEN_PORT (the launching shell may have forked).
+portico_pid=$(ss -ltnpH "sport = :$LISTEN_PORT" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+[ -r "/proc/$portico_pid/stat" ] || { echo "cannot find Portico's pid" >&2; exit 1; }
+sanity=$(curl -fsS "http://127.0.0.1:$LISTEN_PORT/screen")
+echo "sanity: $sanity"
+case "$sanity" in
+  *'"notifications":{"unread":3}'*'"posts":[{'*) ;;
+  *) echo "unexpected answer from /screen" >&2; exit 1 ;;
+esac
 
 cat > "$tmp/rotate.lua" <<'LUA'
 local paths = {"/p/profile", "/p/posts", "/p/notifications"}
@@ -106,10 +123,10 @@ run() {
   local name=$1 conns=$2 path=$3 lua=${4:-}
   local args=(-t1 -c"$conns" -d"${DURATION}s" --latency)
   [ -n "$lua" ] && args+=(-s "$lua")
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d1s "http://127.0.0.1:18080$path" >/dev/null 2>&1 || true
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d1s "http://127.0.0.1:$LISTEN_PORT$path" >/dev/null 2>&1 || true
   local t0 b0 out t1 b1
   t0=$(ticks); b0=$(busy)
-  out=$(taskset -c "$LOAD_CPU" wrk "${args[@]}" "http://127.0.0.1:18080$path")
+  out=$(taskset -c "$LOAD_CPU" wrk "${args[@]}" "http://127.0.0.1:$LISTEN_PORT$path")
   t1=$(ticks); b1=$(busy)
   local reqs rps p50 p99 errs
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')

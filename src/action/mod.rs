@@ -34,7 +34,8 @@ impl Action {
             Action::Proxy(p) => p.run(req, ctx).await,
             Action::Respond(r) => Ok(r.respond()),
             Action::Echo(e) => e.echo(req, ctx).await,
-            Action::Aggregate(a) => a.run(req, ctx).await,
+            // Boxed: it keeps this future (every proxied request's) small.
+            Action::Aggregate(a) => Box::pin(a.run(req, ctx)).await,
         }
     }
 
