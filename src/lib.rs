@@ -6,6 +6,7 @@
 pub mod access_log;
 pub mod action;
 pub mod admin;
+pub mod aggregate;
 pub mod auth;
 pub mod body;
 pub mod clock;

@@ -1199,16 +1199,41 @@ fn compile_action(
     params: &[String],
     metrics: &Arc<RouteMetrics>,
 ) -> Option<Action> {
-    let set = [a.proxy.is_some(), a.respond.is_some(), a.echo.is_some()]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let set = [
+        a.proxy.is_some(),
+        a.respond.is_some(),
+        a.echo.is_some(),
+        a.aggregate.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if set != 1 {
         c.err(
             p.to_string(),
-            "give exactly one action: `proxy`, `respond` or `echo`",
+            "give exactly one action: `proxy`, `respond`, `echo` or `aggregate`",
         );
         return None;
+    }
+    if let Some(ag) = &a.aggregate {
+        let proxy = |name: &str| match upstreams.get(name) {
+            Some(up) => Ok(call_proxy(up)),
+            None => Err(unknown_upstream(name, upstreams)),
+        };
+        return match crate::aggregate::compile::compile(
+            ag,
+            &format!("{p}.aggregate"),
+            params,
+            &proxy,
+        ) {
+            Ok(a) => Some(Action::Aggregate(a)),
+            Err(errs) => {
+                for (path, msg) in errs {
+                    c.err(path, msg);
+                }
+                None
+            }
+        };
     }
     if let Some(e) = &a.echo {
         {
@@ -1356,6 +1381,37 @@ fn compile_action(
             }))
         }
     }
+}
+
+/// The proxy machinery an `aggregate` call uses: the upstream's own
+/// timeouts (with the proxy defaults) and retries.
+fn call_proxy(up: &Arc<Upstream>) -> ProxyAction {
+    let base = &up.spec.timeouts;
+    ProxyAction {
+        upstream: up.clone(),
+        rewrite: None,
+        host: HostHeader::Target,
+        timeouts: Timeouts {
+            connect: opt_dur(base.connect, Some(DEFAULT_CONNECT_TIMEOUT)),
+            response_header: opt_dur(base.response_header, Some(DEFAULT_RESPONSE_HEADER_TIMEOUT)),
+            request: opt_dur(base.request, None),
+        },
+        retry: retry_policy(&up.spec.retries),
+        upgrades: false,
+    }
+}
+
+fn unknown_upstream(name: &str, upstreams: &HashMap<String, Arc<Upstream>>) -> String {
+    let mut known: Vec<_> = upstreams.keys().map(String::as_str).collect();
+    known.sort_unstable();
+    format!(
+        "no upstream is named `{name}` (defined: {})",
+        if known.is_empty() {
+            "none".into()
+        } else {
+            known.join(", ")
+        }
+    )
 }
 
 fn status(c: &mut Compiler, p: String, s: u16) -> Option<StatusCode> {

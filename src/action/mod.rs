@@ -2,6 +2,8 @@
 //!
 //! - `proxy`: forward to an upstream ([`crate::proxy`]).
 //! - `respond`: a fixed response (health endpoints, maintenance pages, mocks).
+//! - `aggregate`: fan out to several upstream calls and answer one merged
+//!   JSON document ([`crate::aggregate`]).
 //! - `echo`: answer with the request as an upstream of this route would
 //!   receive it (hop-by-hop headers removed, forwarded headers and
 //!   `x-request-id` set): for debugging gateway config, and as a stand-in
@@ -19,6 +21,7 @@ pub enum Action {
     Proxy(ProxyAction),
     Respond(Respond),
     Echo(Echo),
+    Aggregate(crate::aggregate::AggregateAction),
 }
 
 impl Action {
@@ -31,6 +34,8 @@ impl Action {
             Action::Proxy(p) => p.run(req, ctx).await,
             Action::Respond(r) => Ok(r.respond()),
             Action::Echo(e) => e.echo(req, ctx).await,
+            // Boxed: it keeps this future (every proxied request's) small.
+            Action::Aggregate(a) => Box::pin(a.run(req, ctx)).await,
         }
     }
 
@@ -39,6 +44,7 @@ impl Action {
             Action::Proxy(_) => "proxy",
             Action::Respond(_) => "respond",
             Action::Echo(_) => "echo",
+            Action::Aggregate(_) => "aggregate",
         }
     }
 }

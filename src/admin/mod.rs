@@ -491,6 +491,7 @@ fn routes(snap: &crate::snapshot::Snapshot) -> Value {
         redact::redact(&mut matcher);
         let upstream = match &route.action {
             crate::action::Action::Proxy(p) => Value::from(&*p.upstream.name),
+            crate::action::Action::Aggregate(a) => Value::from(a.upstreams()),
             _ => Value::Null,
         };
         let policies: Vec<&str> = route.policies.iter().map(|p| p.name()).collect();

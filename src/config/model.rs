@@ -1375,6 +1375,10 @@ pub struct Action {
     pub respond: Option<RespondAction>,
     #[serde(default)]
     pub echo: Option<EchoAction>,
+    /// Fan out to several upstream calls and answer one merged JSON
+    /// document (docs/aggregation.md).
+    #[serde(default)]
+    pub aggregate: Option<AggregateAction>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -1439,6 +1443,103 @@ pub struct EchoAction {
     /// Status to answer with; default 200.
     #[serde(default = "defaults::status_ok")]
     pub status: u16,
+}
+
+/// The `aggregate` action: named calls, run in dependency order (parallel
+/// where independent), merged into one JSON object. docs/aggregation.md is
+/// the reference.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateAction {
+    /// The calls, in merge order (later top-level fields win).
+    pub calls: Vec<AggregateCall>,
+    /// The query parameter carrying a client-chosen sparse fieldset
+    /// (`?fields=user.name,posts.title`); off when unset.
+    #[serde(default)]
+    pub fields_param: Option<String>,
+    /// Bytes of upstream bodies one aggregated request may read, all calls
+    /// together. Default 4 MiB.
+    #[serde(default = "defaults::aggregate_max_total_body")]
+    pub max_total_body: Size,
+}
+
+/// One call of an `aggregate` action.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateCall {
+    /// Unique within the action; templates refer to it as `{calls.NAME...}`.
+    pub name: String,
+    pub upstream: String,
+    /// Default `GET`.
+    #[serde(default = "defaults::get")]
+    pub method: String,
+    /// Path template, e.g. `/users/{path.id}/posts`.
+    pub path: String,
+    /// Query parameters: name → value template.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Request headers: name → value template.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body template (strings are templates); sets
+    /// `content-type: application/json`.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    /// The whole call (waiting for a shared flight included), response body
+    /// read. Default 10s.
+    #[serde(default = "defaults::aggregate_call_timeout")]
+    pub timeout: Dur,
+    /// A failed required call fails the request (502, 504 on timeout).
+    /// Default true.
+    #[serde(default = "defaults::yes")]
+    pub required: bool,
+    /// Used as the call's result when an optional call fails.
+    #[serde(default)]
+    pub fallback: Option<serde_json::Value>,
+    /// Largest response body read from this call. Default 1 MiB.
+    #[serde(default = "defaults::aggregate_call_max_body")]
+    pub max_body: Size,
+    /// Collapse identical concurrent calls into one upstream request.
+    #[serde(default)]
+    pub single_flight: bool,
+    /// Keep successful GET answers in memory.
+    #[serde(default)]
+    pub cache: Option<AggregateCache>,
+    /// Share single-flight and cached answers across consumers (otherwise
+    /// the consumer is part of the key). Default false.
+    #[serde(default)]
+    pub public: bool,
+    /// Put the result under this key (dot path) instead of merging its
+    /// fields at the top level.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Take this sub-value (dot path) of the response as the result.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Keep only these fields (dot paths; arrays apply to each element).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Drop these fields (dot paths; arrays apply to each element).
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Rename fields: from (dot path) → to (dot path).
+    #[serde(default)]
+    pub mapping: BTreeMap<String, String>,
+    /// The result is an array (shaping applies to each element); it goes
+    /// under `group`, or under the call's name.
+    #[serde(default)]
+    pub collection: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateCache {
+    /// Upper bound on how long an answer is kept; the upstream's
+    /// `Cache-Control` may shorten it or forbid storing.
+    pub ttl: Dur,
+    /// Entries kept at most (per call). Default 1024.
+    #[serde(default = "defaults::aggregate_cache_entries")]
+    pub max_entries: usize,
 }
 
 pub(crate) mod defaults {
@@ -1510,6 +1611,21 @@ pub(crate) mod defaults {
     }
     pub fn hsts_max_age() -> Dur {
         Dur(Duration::from_secs(365 * 86400))
+    }
+    pub fn get() -> String {
+        "GET".into()
+    }
+    pub fn aggregate_max_total_body() -> Size {
+        Size(4 * 1024 * 1024)
+    }
+    pub fn aggregate_call_max_body() -> Size {
+        Size(1024 * 1024)
+    }
+    pub fn aggregate_call_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn aggregate_cache_entries() -> usize {
+        1024
     }
     pub fn status_ok() -> u16 {
         200

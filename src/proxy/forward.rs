@@ -109,6 +109,12 @@ const HOP_UPGRADE: u8 = 2;
 const HOP_TE: u8 = 4;
 const HOP_OTHER: u8 = 8;
 
+/// Whether `n` is a hop-by-hop header (never set on an upstream request
+/// by configuration).
+pub fn is_hop_by_hop(n: &HeaderName) -> bool {
+    hop_bit(n) != 0
+}
+
 /// Which group of hop-by-hop headers `n` belongs to (0: none).
 #[inline]
 fn hop_bit(n: &HeaderName) -> u8 {

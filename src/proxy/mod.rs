@@ -379,6 +379,66 @@ impl ProxyAction {
         }
     }
 
+    /// Sends a request the gateway built itself (an `aggregate` call)
+    /// through the same machinery as a proxied one: balancer, pools,
+    /// health, retries (it has no client body, so a GET is replayable),
+    /// timeouts, tracing and target metrics. The forwarded headers and
+    /// `x-request-id` are set from the client's request; `last` gets the
+    /// last attempt.
+    pub async fn send(
+        &self,
+        parts: http::request::Parts,
+        body: bytes::Bytes,
+        ctx: &Ctx,
+        last: &mut Option<Attempt>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let key = self.upstream.hash_of(&parts, ctx.client_ip);
+        let mut headers = parts.headers;
+        headers.reserve(6);
+        forward::set_forwarded(
+            &mut headers,
+            &ctx.forwarded,
+            false,
+            ctx.host_header.as_ref(),
+        );
+        headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
+        let body = Body::full(body);
+        let replayable = http_body::Body::is_end_stream(&body) && idempotent(&parts.method);
+        let out = Outgoing {
+            method: parts.method,
+            uri: parts.uri,
+            headers,
+            client_host: ctx.host_header.clone(),
+        };
+        self.upstream.budget.on_request();
+        let deadline = self
+            .timeouts
+            .request
+            .map(|d| tokio::time::Instant::now() + d);
+        let exchange = self.exchange(
+            out,
+            body,
+            None,
+            key,
+            replayable,
+            false,
+            last,
+            ctx.trace.as_ref(),
+        );
+        let (resp, lease) = match deadline {
+            Some(d) => tokio::time::timeout_at(d, exchange)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(GatewayError::new(
+                        ErrorKind::UpstreamTimeout,
+                        "request timeout exceeded",
+                    ))
+                })?,
+            None => exchange.await?,
+        };
+        Ok(self.respond(resp, lease, false, None, deadline))
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &self,

@@ -1,0 +1,702 @@
+//! The `aggregate` action through a real gateway: concurrent and chained
+//! calls, templates (path params, query, headers, consumers, previous
+//! responses), shaping, sparse fieldsets, partial answers, required-call
+//! failures, invalid JSON, single-flight, caching (TTL, `Cache-Control`,
+//! per-consumer keys) and auth on aggregate routes.
+//!
+//! Test upstreams record events (`start /a`, `end /a`) so concurrency is
+//! asserted by order, never by wall time; every wait is bounded.
+
+use super::support::upstream::{self, TestBody};
+use super::support::{client, eventually, gateway};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const KEY_APP: &str = "app-key-0123456789abcdef";
+const KEY_PARTNER: &str = "partner-key-0123456789ab";
+
+/// What the test upstream saw, in order.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, s: impl Into<String>) {
+        self.0.lock().unwrap().push(s.into());
+    }
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+    fn index(&self, s: &str) -> usize {
+        let all = self.all();
+        all.iter()
+            .position(|e| e == s)
+            .unwrap_or_else(|| panic!("no `{s}` in {all:?}"))
+    }
+}
+
+/// Hits per path.
+#[derive(Clone, Default)]
+struct Hits(Arc<Mutex<HashMap<String, usize>>>);
+
+impl Hits {
+    fn add(&self, path: &str) -> usize {
+        let mut m = self.0.lock().unwrap();
+        let n = m.entry(path.to_string()).or_default();
+        *n += 1;
+        *n
+    }
+    fn get(&self, path: &str) -> usize {
+        self.0.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+fn json_resp(status: u16, v: Value) -> Response<TestBody> {
+    let mut r = upstream::response(status, v.to_string());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+fn with_header(mut r: Response<TestBody>, k: &'static str, v: &'static str) -> Response<TestBody> {
+    r.headers_mut().insert(k, v.parse().unwrap());
+    r
+}
+
+/// A config with listener `main`, upstream `up` (and `dead`, where nothing
+/// listens), two API-key consumers and `routes` (YAML list items, indented
+/// 2). `UP` and `DEAD` in `routes` are replaced by nothing: the names are
+/// fixed.
+fn config(up: SocketAddr, dead: SocketAddr, routes: &str) -> String {
+    format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+consumers:
+  - id: app
+    credentials: {{api_keys: [{{sha256: {app}}}]}}
+  - id: partner
+    credentials: {{api_keys: [{{sha256: {partner}}}]}}
+upstreams:
+  - name: up
+    targets: [{{address: '{up}'}}]
+  - name: dead
+    targets: [{{address: '{dead}'}}]
+routes:
+{routes}"#,
+        app = portico::auth::sha256_hex(KEY_APP.as_bytes()),
+        partner = portico::auth::sha256_hex(KEY_PARTNER.as_bytes()),
+    )
+}
+
+const KEYED: &str = "    policies:\n      - auth: {methods: [{api_key: {header: x-api-key}}]}\n";
+
+async fn get(url: String, headers: &[(&str, &str)]) -> client::Reply {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    client::send(b.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+fn path_and_query(req: &Request<Incoming>) -> String {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn independent_calls_run_concurrently() {
+    let log = Log::default();
+    let barrier = Arc::new(tokio::sync::Barrier::new(3));
+    let (l, b) = (log.clone(), barrier.clone());
+    let up = upstream::start(move |req: Request<Incoming>| {
+        let (log, barrier) = (l.clone(), b.clone());
+        async move {
+            let p = req.uri().path().to_string();
+            log.push(format!("start {p}"));
+            // All three must be in flight at once; sequential calls would
+            // wait here until the bound and record it.
+            if tokio::time::timeout(Duration::from_secs(5), barrier.wait())
+                .await
+                .is_err()
+            {
+                log.push(format!("alone {p}"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            log.push(format!("end {p}"));
+            json_resp(200, json!({ p.trim_start_matches('/'): 1 }))
+        }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: screen
+    match: {path: /screen}
+    action:
+      aggregate:
+        calls:
+          - {name: a, upstream: up, path: /a}
+          - {name: b, upstream: up, path: /b}
+          - {name: c, upstream: up, path: /c}
+"#;
+    let gw = gateway(&config(up.addr, dead, routes)).await;
+    let r = client::get(&gw.url("/screen")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"a": 1, "b": 1, "c": 1}));
+    assert_eq!(r.header("portico-partial"), None);
+    let events = log.all();
+    assert_eq!(events.len(), 6, "{events:?}");
+    assert!(
+        events[..3].iter().all(|e| e.starts_with("start ")),
+        "every call started before any finished: {events:?}"
+    );
+}
+
+#[tokio::test]
+async fn dependent_calls_wait_and_fill_templates() {
+    let log = Log::default();
+    let l = log.clone();
+    let up = upstream::start(move |req: Request<Incoming>| {
+        let log = l.clone();
+        async move {
+            let pq = path_and_query(&req);
+            let consumer = req
+                .headers()
+                .get("x-consumer")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let lang = req
+                .headers()
+                .get("accept-language")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            log.push(format!("start {pq} consumer={consumer} lang={lang}"));
+            let body = if pq.starts_with("/users/") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                json!({"id": 7, "name": "Ann", "team": "t 1/x"})
+            } else if pq.starts_with("/teams/") {
+                json!({"team": {"name": "Blue"}})
+            } else {
+                json!({"posts": [{"id": 1}]})
+            };
+            log.push(format!("end {}", req.uri().path()));
+            json_resp(200, body)
+        }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = format!(
+        r#"  - name: profile
+    match: {{path: '/profile/{{id}}'}}
+{KEYED}    action:
+      aggregate:
+        calls:
+          - name: user
+            upstream: up
+            path: '/users/{{path.id}}'
+            headers: {{x-consumer: '{{consumer.id}}'}}
+          - name: team
+            upstream: up
+            path: '/teams/{{calls.user.team}}'
+            headers: {{accept-language: '{{header.accept-language}}'}}
+          - name: posts
+            upstream: up
+            path: /posts
+            query: {{author: '{{calls.user.id}}', page: '{{query.page|1}}', sort: '{{query.sort}}'}}
+"#
+    );
+    let gw = gateway(&config(up.addr, dead, &routes)).await;
+    let r = get(
+        gw.url("/profile/a%2Fb?page=2"),
+        &[("x-api-key", KEY_APP), ("accept-language", "fr-CH")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"id": 7, "name": "Ann", "team": {"name": "Blue"}, "posts": [{"id": 1}]})
+    );
+    // Path params are decoded, then encoded: `/` cannot add a segment.
+    let user = log.index("start /users/a%2Fb consumer=app lang=");
+    let user_end = log.index("end /users/a%2Fb");
+    let team = log.index("start /teams/t%201%2Fx consumer= lang=fr-CH");
+    // A missing query value without a default is left out.
+    let posts = log.index("start /posts?author=7&page=2 consumer= lang=");
+    assert!(user < user_end && user_end < team && user_end < posts);
+}
+
+#[tokio::test]
+async fn shaping_operations() {
+    let up = upstream::start(|req: Request<Incoming>| async move {
+        let v = match req.uri().path() {
+            "/user" => json!({"data": {"user": {"id": 7, "name": "Ann", "email": "a@x", "password": "p", "meta": {"tz": "UTC", "internal": 1}}}}),
+            "/posts" => json!([
+                {"id": 1, "title": "One", "body": "long", "author": {"id": 7, "secret": 1}},
+                {"id": 2, "title": "Two", "body": "long", "author": {"id": 7, "secret": 1}}
+            ]),
+            "/counts" => json!({"unread": 3, "total": 10}),
+            _ => json!({"items": [{"title": "a", "x": 1}, {"title": "b", "x": 2}], "cursor": "c2"}),
+        };
+        json_resp(200, v)
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: shaped
+    match: {path: /shaped}
+    action:
+      aggregate:
+        calls:
+          - name: user
+            upstream: up
+            path: /user
+            target: data.user
+            allow: [id, name, meta]
+            deny: [meta.internal]
+            mapping: {name: display_name}
+          - name: posts
+            upstream: up
+            path: /posts
+            collection: true
+            deny: [body, author.secret]
+            mapping: {title: headline}
+          - name: notifications
+            upstream: up
+            path: /counts
+            group: badges.notifications
+            allow: [unread]
+          - name: feed
+            upstream: up
+            path: /feed
+            group: feed
+            allow: [items.title]
+"#;
+    let gw = gateway(&config(up.addr, dead, routes)).await;
+    let r = client::get(&gw.url("/shaped")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({
+            "id": 7, "display_name": "Ann", "meta": {"tz": "UTC"},
+            "posts": [
+                {"id": 1, "headline": "One", "author": {"id": 7}},
+                {"id": 2, "headline": "Two", "author": {"id": 7}}
+            ],
+            "badges": {"notifications": {"unread": 3}},
+            "feed": {"items": [{"title": "a"}, {"title": "b"}]}
+        })
+    );
+}
+
+#[tokio::test]
+async fn sparse_fieldsets_select_within_the_document() {
+    let up = upstream::start(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            "/user" => json_resp(200, json!({"name": "Ann", "email": "a@x"})),
+            "/fail" => json_resp(500, json!({})),
+            _ => json_resp(200, json!([{"title": "t", "body": "b"}])),
+        }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: sparse
+    match: {path: /sparse}
+    action:
+      aggregate:
+        fields_param: fields
+        calls:
+          - {name: user, upstream: up, path: /user, group: user}
+          - {name: posts, upstream: up, path: /posts, collection: true}
+          - {name: extra, upstream: up, path: /fail, required: false}
+  - name: dense
+    match: {path: /dense}
+    action:
+      aggregate:
+        calls:
+          - {name: user, upstream: up, path: /user, group: user}
+"#;
+    let gw = gateway(&config(up.addr, dead, routes)).await;
+    let r = client::get(&gw.url("/sparse?fields=user.name,posts.title,nope.x")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["user"], json!({"name": "Ann"}));
+    assert_eq!(v["posts"], json!([{"title": "t"}]));
+    assert!(v.get("nope").is_none());
+    // The failure list is kept whatever the fieldset.
+    assert_eq!(v["_errors"][0]["call"], "extra");
+    // Without the parameter: everything the route exposes.
+    let r = client::get(&gw.url("/sparse")).await;
+    assert_eq!(r.json()["user"], json!({"name": "Ann", "email": "a@x"}));
+    // A malformed field is the client's error.
+    let r = client::get(&gw.url("/sparse?fields=user..name")).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // A route without `fields_param` ignores the parameter.
+    let r = client::get(&gw.url("/dense?fields=user.name")).await;
+    assert_eq!(r.json()["user"], json!({"name": "Ann", "email": "a@x"}));
+}
+
+#[tokio::test]
+async fn optional_failures_give_a_partial_answer() {
+    let up = upstream::start(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            "/ok" => json_resp(200, json!({"ok": true})),
+            "/error" => json_resp(503, json!({"down": true})),
+            "/slow" => {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                json_resp(200, json!({"late": true}))
+            }
+            "/html" => with_header(
+                upstream::response(200, "<h1>hi</h1>"),
+                "content-type",
+                "text/html",
+            ),
+            "/broken" => json_resp(200, json!({})).map(|_| upstream::full("{\"a\": ")),
+            _ => json_resp(200, json!({"big": "x".repeat(100)})),
+        }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: partial
+    match: {path: /partial}
+    action:
+      aggregate:
+        calls:
+          - {name: main, upstream: up, path: /ok}
+          - {name: status, upstream: up, path: /error, required: false}
+          - {name: slow, upstream: up, path: /slow, required: false, timeout: 100ms, fallback: {late: false}}
+          - {name: html, upstream: up, path: /html, required: false}
+          - {name: broken, upstream: up, path: /broken, required: false}
+          - {name: big, upstream: up, path: /big, required: false, max_body: 50B}
+          - {name: gone, upstream: dead, path: /x, required: false, group: gone, fallback: []}
+          - {name: after, upstream: up, path: '/ok/{calls.status.id}', required: false}
+"#;
+    let gw = gateway(&config(up.addr, dead, routes)).await;
+    let r = client::get(&gw.url("/partial")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("portico-partial"), Some("true"));
+    let v = r.json();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["late"], false, "the fallback is used");
+    assert_eq!(v["gone"], json!([]));
+    let errors = v["_errors"].as_array().unwrap();
+    let reason = |call: &str| -> String {
+        let e = errors
+            .iter()
+            .find(|e| e["call"] == call)
+            .unwrap_or_else(|| panic!("no error for {call}: {errors:?}"));
+        e["reason"].as_str().unwrap().to_string()
+    };
+    let names: Vec<&str> = errors.iter().map(|e| e["call"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["status", "slow", "html", "broken", "big", "gone", "after"],
+        "in config order"
+    );
+    assert!(reason("status").contains("status 503"), "{errors:?}");
+    assert!(reason("slow").contains("timed out"), "{errors:?}");
+    assert!(reason("html").contains("not JSON"), "{errors:?}");
+    assert!(reason("broken").contains("invalid JSON"), "{errors:?}");
+    assert!(reason("big").contains("larger than 50 bytes"), "{errors:?}");
+    assert!(
+        reason("after").contains("depends on call `status`"),
+        "{errors:?}"
+    );
+    assert_eq!(errors[1]["fallback"], true);
+    assert!(errors[0].get("fallback").is_none());
+}
+
+#[tokio::test]
+async fn a_failed_required_call_fails_the_request() {
+    let up = upstream::start(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            "/error" => json_resp(500, json!({})),
+            "/slow" => {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                json_resp(200, json!({}))
+            }
+            "/invalid" => with_header(
+                upstream::response(200, "nope"),
+                "content-type",
+                "application/json",
+            ),
+            _ => json_resp(200, json!({"ok": true})),
+        }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let route = |name: &str, call: &str| {
+        format!(
+            "  - name: {name}\n    match: {{path: /{name}}}\n    action:\n      aggregate:\n        calls:\n          - {{name: fine, upstream: up, path: /ok}}\n          - {call}\n"
+        )
+    };
+    let routes = [
+        route("status", "{name: profile, upstream: up, path: /error}"),
+        route(
+            "timeout",
+            "{name: profile, upstream: up, path: /slow, timeout: 100ms}",
+        ),
+        route("refused", "{name: profile, upstream: dead, path: /x}"),
+        route("invalid", "{name: profile, upstream: up, path: /invalid}"),
+    ]
+    .concat();
+    let gw = gateway(&config(up.addr, dead, &routes)).await;
+    for (path, status, code, reason) in [
+        ("/status", 502, "upstream_protocol_error", "status 500"),
+        ("/timeout", 504, "upstream_timeout", "timed out"),
+        ("/refused", 502, "upstream_unreachable", ""),
+        ("/invalid", 502, "upstream_protocol_error", "invalid JSON"),
+    ] {
+        let r = client::get(&gw.url(path)).await;
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!(e["code"], code, "{path}");
+        assert_eq!(e["details"]["call"], "profile", "{path}");
+        assert!(
+            e["message"].as_str().unwrap().contains("`profile`"),
+            "{path}: {e}"
+        );
+        assert!(
+            e["details"]["reason"].as_str().unwrap().contains(reason),
+            "{path}: {e}"
+        );
+    }
+}
+
+/// An upstream for the sharing tests: `/item` answers `{"n": hits}` (the
+/// consumer header echoed) with `Cache-Control` from the query, after the
+/// gate opens when `gated`.
+struct Counting {
+    up: upstream::TestUpstream,
+    hits: Hits,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+async fn counting() -> Counting {
+    let hits = Hits::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (h, g) = (hits.clone(), gate.clone());
+    let up = upstream::start(move |req: Request<Incoming>| {
+        let (hits, gate) = (h.clone(), g.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            let n = hits.add(&path);
+            if path == "/gated" {
+                // Bounded: a test that never opens the gate fails, not hangs.
+                let _ = tokio::time::timeout(Duration::from_secs(5), gate.acquire()).await;
+            }
+            let who = req
+                .headers()
+                .get("x-who")
+                .map(|v| v.to_str().unwrap().to_string());
+            let mut r = json_resp(200, json!({ "n": n, "who": who }));
+            if let Some(cc) = req.uri().query().and_then(|q| q.strip_prefix("cc=")) {
+                let cc = cc
+                    .replace("%20", " ")
+                    .replace("%2C", ",")
+                    .replace("%3D", "=");
+                r.headers_mut().insert("cache-control", cc.parse().unwrap());
+            }
+            r
+        }
+    })
+    .await;
+    Counting { up, hits, gate }
+}
+
+#[tokio::test]
+async fn single_flight_collapses_identical_concurrent_calls() {
+    let c = counting().await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: sf
+    match: {path: /sf}
+    action:
+      aggregate:
+        calls:
+          - {name: shared, upstream: up, path: /gated, single_flight: true, public: true, group: shared}
+          - {name: arrive, upstream: up, path: /arrive, group: arrive}
+"#;
+    let gw = gateway(&config(c.up.addr, dead, routes)).await;
+    const N: usize = 5;
+    let url = gw.url("/sf");
+    let clients: Vec<_> = (0..N)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { client::get(&url).await })
+        })
+        .collect();
+    // Each client request's calls start together: once every `/arrive`
+    // was seen, every `/gated` call has joined the flight.
+    let hits = c.hits.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || hits.get("/arrive") == N).await,
+        "arrivals: {}",
+        hits.get("/arrive")
+    );
+    c.gate.add_permits(N);
+    for h in clients {
+        let r = h.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json()["shared"]["n"],
+            1,
+            "every client got the one answer"
+        );
+    }
+    assert_eq!(
+        c.hits.get("/gated"),
+        1,
+        "one backend request for {N} clients"
+    );
+}
+
+#[tokio::test]
+async fn single_flight_is_per_consumer_unless_public() {
+    let c = counting().await;
+    let dead = upstream::closed_port().await;
+    let routes = format!(
+        r#"  - name: sf
+    match: {{path: /sf}}
+{KEYED}    action:
+      aggregate:
+        calls:
+          - {{name: mine, upstream: up, path: /gated, single_flight: true, group: mine}}
+          - {{name: arrive, upstream: up, path: /arrive, group: arrive}}
+"#
+    );
+    let gw = gateway(&config(c.up.addr, dead, &routes)).await;
+    let url = gw.url("/sf");
+    let clients: Vec<_> = [KEY_APP, KEY_PARTNER]
+        .into_iter()
+        .map(|k| {
+            let url = url.clone();
+            tokio::spawn(async move { get(url, &[("x-api-key", k)]).await })
+        })
+        .collect();
+    let hits = c.hits.clone();
+    assert!(eventually(Duration::from_secs(5), || hits.get("/arrive") == 2).await);
+    c.gate.add_permits(2);
+    for h in clients {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    assert_eq!(
+        c.hits.get("/gated"),
+        2,
+        "two consumers, two backend requests"
+    );
+}
+
+#[tokio::test]
+async fn cache_honours_ttl_and_cache_control() {
+    let c = counting().await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: cached
+    match: {path: /cached}
+    action:
+      aggregate:
+        calls:
+          - {name: long, upstream: up, path: /long, group: long, public: true, cache: {ttl: 60s}}
+          - {name: short, upstream: up, path: /short, group: short, public: true, cache: {ttl: 200ms}}
+          - {name: nostore, upstream: up, path: /nostore, query: {cc: no-store}, group: nostore, public: true, cache: {ttl: 60s}}
+          - {name: maxage0, upstream: up, path: /maxage0, query: {cc: 'max-age=0'}, group: maxage0, public: true, cache: {ttl: 60s}}
+          - {name: private, upstream: up, path: /private, query: {cc: 'private, max-age=60'}, group: private, public: true, cache: {ttl: 60s}}
+"#;
+    let gw = gateway(&config(c.up.addr, dead, routes)).await;
+    let n = |r: &client::Reply, k: &str| r.json()[k]["n"].as_u64().unwrap();
+    let first = client::get(&gw.url("/cached")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = client::get(&gw.url("/cached")).await;
+    assert_eq!(n(&second, "long"), 1, "served from the cache");
+    assert_eq!(n(&second, "short"), 1, "still fresh");
+    assert_eq!(n(&second, "nostore"), 2, "no-store is never kept");
+    assert_eq!(n(&second, "maxage0"), 2, "max-age=0 is never kept");
+    assert_eq!(
+        n(&second, "private"),
+        2,
+        "private is not kept in a shared entry"
+    );
+    // Past its TTL (200ms) the short entry is fetched again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let third = client::get(&gw.url("/cached")).await;
+    assert_eq!(n(&third, "short"), 2);
+    assert_eq!(n(&third, "long"), 1);
+    assert_eq!(c.hits.get("/long"), 1);
+}
+
+#[tokio::test]
+async fn cache_never_shares_answers_across_consumers() {
+    let c = counting().await;
+    let dead = upstream::closed_port().await;
+    let routes = format!(
+        r#"  - name: cached
+    match: {{path: /cached}}
+{KEYED}    action:
+      aggregate:
+        calls:
+          - {{name: mine, upstream: up, path: /mine, group: mine, headers: {{x-who: '{{consumer.id}}'}}, cache: {{ttl: 60s}}}}
+          - {{name: nohdr, upstream: up, path: /nohdr, group: nohdr, cache: {{ttl: 60s}}}}
+          - {{name: private, upstream: up, path: /private, query: {{cc: 'private, max-age=60'}}, group: private, cache: {{ttl: 60s}}}}
+          - {{name: everyone, upstream: up, path: /everyone, group: everyone, public: true, cache: {{ttl: 60s}}}}
+"#
+    );
+    let gw = gateway(&config(c.up.addr, dead, &routes)).await;
+    let url = gw.url("/cached");
+    let as_ = |k: &'static str| {
+        let url = url.clone();
+        async move { get(url, &[("x-api-key", k)]).await }
+    };
+    let a1 = as_(KEY_APP).await;
+    assert_eq!(a1.status, 200, "{}", a1.text());
+    let b1 = as_(KEY_PARTNER).await;
+    let a2 = as_(KEY_APP).await;
+    let b2 = as_(KEY_PARTNER).await;
+    assert_eq!(a1.json()["mine"], json!({"n": 1, "who": "app"}));
+    assert_eq!(b1.json()["mine"], json!({"n": 2, "who": "partner"}));
+    assert_eq!(a2.json()["mine"], a1.json()["mine"]);
+    assert_eq!(b2.json()["mine"], b1.json()["mine"]);
+    // The same request sent for two consumers: still one entry each.
+    assert_eq!(a2.json()["nohdr"]["n"], 1);
+    assert_eq!(b2.json()["nohdr"]["n"], 2);
+    assert_eq!(c.hits.get("/nohdr"), 2);
+    // `private` answers are kept per consumer.
+    assert_eq!(b2.json()["private"]["n"], 2);
+    assert_eq!(c.hits.get("/private"), 2);
+    // A public call is shared.
+    assert_eq!(b1.json()["everyone"]["n"], 1);
+    assert_eq!(c.hits.get("/everyone"), 1);
+}
+
+#[tokio::test]
+async fn auth_applies_to_aggregate_routes() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let up = upstream::start(move |_req: Request<Incoming>| {
+        h.fetch_add(1, Ordering::SeqCst);
+        async move { json_resp(200, json!({"ok": true})) }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = format!(
+        "  - name: agg\n    match: {{path: /agg}}\n{KEYED}    action:\n      aggregate:\n        calls:\n          - {{name: a, upstream: up, path: /a}}\n"
+    );
+    let gw = gateway(&config(up.addr, dead, &routes)).await;
+    let r = client::get(&gw.url("/agg")).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = get(gw.url("/agg"), &[("x-api-key", "wrong-key-0123456789abc")]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "no call without a valid key"
+    );
+    let r = get(gw.url("/agg"), &[("x-api-key", KEY_APP)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"ok": true}));
+    assert!(r.header("x-request-id").is_some());
+}
