@@ -1217,7 +1217,7 @@ fn compile_action(
     }
     if let Some(ag) = &a.aggregate {
         let proxy = |name: &str| match upstreams.get(name) {
-            Some(up) => Ok(call_proxy(up)),
+            Some(up) => Ok(call_proxy(up, metrics)),
             None => Err(unknown_upstream(name, upstreams)),
         };
         return match crate::aggregate::compile::compile(
@@ -1385,7 +1385,7 @@ fn compile_action(
 
 /// The proxy machinery an `aggregate` call uses: the upstream's own
 /// timeouts (with the proxy defaults) and retries.
-fn call_proxy(up: &Arc<Upstream>) -> ProxyAction {
+fn call_proxy(up: &Arc<Upstream>, metrics: &Arc<RouteMetrics>) -> ProxyAction {
     let base = &up.spec.timeouts;
     ProxyAction {
         upstream: up.clone(),
@@ -1398,6 +1398,7 @@ fn call_proxy(up: &Arc<Upstream>) -> ProxyAction {
         },
         retry: retry_policy(&up.spec.retries),
         upgrades: false,
+        metrics: metrics.clone(),
     }
 }
 

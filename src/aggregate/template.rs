@@ -468,24 +468,7 @@ mod tests {
     use serde_json::json;
 
     fn ctx(uri: &str, identity: Option<Identity>) -> Ctx {
-        let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-        Ctx {
-            request_id: HeaderValue::from_static("req-1"),
-            peer: "127.0.0.1:1000".parse().unwrap(),
-            client_ip: ip,
-            peer_trusted: false,
-            tls: false,
-            forwarded: Arc::new(crate::proxy::forward::ConnForwarded::new(ip, false)),
-            listener: "main".into(),
-            route: "r".into(),
-            captures: Default::default(),
-            original_uri: uri.parse().unwrap(),
-            host_header: None,
-            upstream: None,
-            trace: None,
-            identity,
-            client_cert: None,
-        }
+        Ctx::for_test(uri, "127.0.0.1", identity)
     }
 
     fn identity() -> Identity {

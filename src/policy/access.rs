@@ -175,31 +175,7 @@ mod tests {
     }
 
     fn ctx(ip: &str, identity: Option<Identity>) -> Ctx {
-        Ctx {
-            request_id: HeaderValue::from_static("rid"),
-            peer: "127.0.0.1:1".parse().unwrap(),
-            client_ip: ip.parse().unwrap(),
-            peer_trusted: false,
-            tls: false,
-            listener: "l".into(),
-            route: "r".into(),
-            captures: Default::default(),
-            original_uri: "/".parse().unwrap(),
-            host_header: None,
-            upstream: None,
-            trace: None,
-            identity,
-            client_cert: None,
-            cors: None,
-            priority: 0,
-            priority_share: 1.0,
-            upstream_slot: None,
-            rate_limits: Vec::new(),
-            forwarded: Arc::new(crate::proxy::forward::ConnForwarded::new(
-                "127.0.0.1".parse().unwrap(),
-                false,
-            )),
-        }
+        Ctx::for_test("/", ip, identity)
     }
 
     fn token(claims: serde_json::Value) -> Identity {

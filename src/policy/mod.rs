@@ -76,6 +76,35 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A context for unit tests: a plain-HTTP request from 127.0.0.1 to
+    /// `uri` on route `r`, with `identity`.
+    #[cfg(test)]
+    pub fn for_test(uri: &str, client_ip: &str, identity: Option<crate::auth::Identity>) -> Ctx {
+        let ip: IpAddr = client_ip.parse().expect("an IP address");
+        Ctx {
+            request_id: HeaderValue::from_static("req-1"),
+            peer: SocketAddr::new(ip, 1000),
+            client_ip: ip,
+            peer_trusted: false,
+            tls: false,
+            forwarded: Arc::new(crate::proxy::forward::ConnForwarded::new(ip, false)),
+            listener: "main".into(),
+            route: "r".into(),
+            captures: Default::default(),
+            original_uri: uri.parse().expect("a URI"),
+            host_header: None,
+            upstream: None,
+            trace: None,
+            identity,
+            client_cert: None,
+            cors: None,
+            priority: 0,
+            priority_share: 1.0,
+            upstream_slot: None,
+            rate_limits: Vec::new(),
+        }
+    }
+
     /// The value of the `i`-th captured path param.
     pub fn param(&self, i: usize) -> Option<&str> {
         self.captures.get(self.original_uri.path(), i)

@@ -392,6 +392,16 @@ impl ProxyAction {
         ctx: &Ctx,
         last: &mut Option<Attempt>,
     ) -> Result<Response<Body>, GatewayError> {
+        // The upstream's circuit breaker applies to calls as to proxied
+        // requests: an open circuit fails the call at once.
+        let up = &*self.upstream;
+        let ticket = match &up.breaker {
+            Some(b) => Some(
+                b.admit(crate::clock::now_ms())
+                    .map_err(|ms| circuit_open(&up.name, ms))?,
+            ),
+            None => None,
+        };
         let key = self.upstream.hash_of(&parts, ctx.client_ip);
         let mut headers = parts.headers;
         headers.reserve(6);
@@ -425,7 +435,7 @@ impl ProxyAction {
             last,
             ctx.trace.as_ref(),
         );
-        let (resp, lease) = match deadline {
+        let result = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
                 .await
                 .unwrap_or_else(|_| {
@@ -433,10 +443,14 @@ impl ProxyAction {
                         ErrorKind::UpstreamTimeout,
                         "request timeout exceeded",
                     ))
-                })?,
-            None => exchange.await?,
+                }),
+            None => exchange.await,
         };
-        Ok(self.respond(resp, lease, false, None, deadline))
+        if ticket.is_some() {
+            self.protect(&result, ticket, 0, *last);
+        }
+        let (resp, lease) = result?;
+        Ok(self.respond(resp, lease, false, (None, None), deadline))
     }
 
     #[allow(clippy::too_many_arguments)]
