@@ -224,7 +224,12 @@ impl ConnForwarded {
             host,
         )?;
         if let (Some(host), Ok(mut g)) = (host, self.last.try_lock()) {
-            *g = Some((host.clone(), v.clone()));
+            // A copy, not a clone: the request's header value shares hyper's
+            // read buffer, which a clone kept alive (8 KiB or more) for the
+            // connection's whole life.
+            if let Ok(own) = HeaderValue::from_bytes(host.as_bytes()) {
+                *g = Some((own, v.clone()));
+            }
         }
         Some(v)
     }
@@ -343,6 +348,25 @@ mod tests {
             );
         }
         h
+    }
+
+    /// The per-connection cache keeps a copy of the Host, never a share of
+    /// the buffer the request was parsed from (hyper's read buffer, which
+    /// would then outlive the request for the connection's whole life).
+    #[test]
+    fn the_cached_host_does_not_hold_the_request_buffer() {
+        let conn = ConnForwarded::new("192.0.2.1".parse().unwrap(), false);
+        let mut raw = b"api.example.com".to_vec();
+        raw.resize(8192, b' ');
+        let buffer = bytes::Bytes::from(raw);
+        let host = HeaderValue::from_maybe_shared(buffer.slice(0..15)).unwrap();
+        let first = conn.forwarded(Some(&host)).unwrap();
+        assert_eq!(first, "for=192.0.2.1;proto=http;host=api.example.com");
+        drop(host);
+        assert!(buffer.is_unique(), "the cache holds no share of the buffer");
+        // And the cache still answers for the same Host.
+        let again = HeaderValue::from_static("api.example.com");
+        assert_eq!(conn.forwarded(Some(&again)).unwrap(), first);
     }
 
     #[test]
