@@ -287,6 +287,8 @@ def main():
     ap.add_argument("--window", type=int, default=128,
                     help="connections being opened/requested at once [128]")
     ap.add_argument("--timeout", type=float, default=120, help="overall limit, seconds [120]")
+    ap.add_argument("--settle", type=float, default=2.5,
+                    help="seconds idle before measuring [2.5]")
     ap.add_argument("--origin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.origin:
@@ -346,7 +348,10 @@ def main():
         t0 = time.monotonic()
         socks = open_connections(args.conns, args.window, deadline)
         setup_s = time.monotonic() - t0
-        time.sleep(1.0)  # let the gateway finish per-request work and go idle
+        # Let the gateway finish per-request work and the connections go idle:
+        # plain HTTP/1 keep-alive connections park (free hyper's buffers) once
+        # idle for 1 s (server::PARK_AFTER).
+        time.sleep(args.settle)
         loaded_kb = rss_kb(gateway.pid)
         hwm = 0
         with open(f"/proc/{gateway.pid}/status") as f:

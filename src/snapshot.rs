@@ -78,7 +78,7 @@ pub struct Route {
 
 /// The routes a listener serves.
 pub struct ListenerRoutes {
-    pub spec: ListenerSpec,
+    pub spec: Arc<ListenerSpec>,
     pub trusted: CidrSet,
     pub router: Router,
     /// Indexed by the router's route indices.
@@ -409,7 +409,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
             }
             ListenerRoutes {
                 trusted: CidrSet(spec.trusted.clone()),
-                spec,
+                spec: Arc::new(spec),
                 router: b.build(),
                 routes: lr,
             }

@@ -448,6 +448,8 @@ pub struct ListenerMetrics {
     open: [AtomicI64; 4],
     accepted: [AtomicU64; 4],
     tls_handshake_failures: AtomicU64,
+    /// Idle plain HTTP/1 connections parked (holding no buffers).
+    parked: AtomicI64,
 }
 
 impl ListenerMetrics {
@@ -462,6 +464,15 @@ impl ListenerMetrics {
 
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.fetch_add(1, Relaxed);
+    }
+
+    /// A connection parks (`true`) or resumes or closes while parked.
+    pub fn set_parked(&self, parked: bool) {
+        self.parked.fetch_add(if parked { 1 } else { -1 }, Relaxed);
+    }
+
+    pub fn parked(&self) -> i64 {
+        self.parked.load(Relaxed)
     }
 
     pub fn open(&self, class: usize) -> i64 {

@@ -466,6 +466,14 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
         }
     }
     e.family(
+        "portico_connections_parked",
+        Kind::Gauge,
+        "Idle plain-text HTTP/1 keep-alive connections parked (their buffers freed until the next request), by listener.",
+    );
+    for (n, m) in &shown {
+        e.sample("portico_connections_parked", &[("listener", n)], m.parked());
+    }
+    e.family(
         "portico_tls_handshake_failures",
         Kind::Counter,
         "TLS handshakes that failed or timed out, by listener.",

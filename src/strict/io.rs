@@ -113,6 +113,12 @@ impl Scanner {
         self.heads
     }
 
+    /// Whether the bytes so far end exactly after a complete request (head
+    /// and body): what hyper reads next starts a new request.
+    pub fn at_boundary(&self) -> bool {
+        self.state == State::Head && self.held.is_empty()
+    }
+
     /// Whether checking stopped for good (bytes pass untouched).
     pub fn is_off(&self) -> bool {
         self.state == State::Off
@@ -375,10 +381,25 @@ fn chunk_step(c: Chunk, size: u64, b: u8) -> State {
     State::Chunked(next, size)
 }
 
+/// Where a parked connection's socket goes (see [`StrictIo::with_park_slot`]).
+pub type ParkSlot<T> = Arc<std::sync::Mutex<Option<T>>>;
+
 /// A client connection whose request heads are checked before hyper reads
 /// them (see the module documentation). Writes pass through untouched.
+///
+/// **Parking.** With a park slot, an idle keep-alive connection can give
+/// hyper's buffers back: once the server has asked it to
+/// ([`crate::server::Activity::request_park`]) and the connection is
+/// exactly between two requests — every request answered, no byte of the
+/// next one read, no response bytes waiting to be written — a read reports
+/// end of stream. hyper takes that as the client closing an idle connection
+/// and shuts the connection down; that shutdown moves the socket, untouched
+/// and still open, into the slot instead. The server then waits for the
+/// socket to become readable and serves it again with a new hyper
+/// connection (`server::serve_plain_http1`).
 pub struct StrictIo<T> {
-    inner: T,
+    /// `None` once parked.
+    inner: Option<T>,
     scan: Scanner,
     /// Bytes released by the scanner that the reader has not taken yet.
     ready: Vec<u8>,
@@ -391,6 +412,18 @@ pub struct StrictIo<T> {
     /// Told whether a head is arriving (the connection's idle timeout must
     /// not cut it).
     activity: Option<Arc<crate::server::Activity>>,
+    park_slot: Option<ParkSlot<T>>,
+    /// End of stream was reported to park the connection: the next
+    /// shutdown parks it rather than closing it.
+    parking: bool,
+    /// The last write to the socket did not complete: hyper holds response
+    /// bytes, so the connection must not park.
+    write_blocked: bool,
+}
+
+/// The socket is gone (parked): hyper is not expected to touch it again.
+fn parked_error() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection parked")
 }
 
 impl<T> StrictIo<T> {
@@ -406,14 +439,47 @@ impl<T> StrictIo<T> {
         activity: Option<Arc<crate::server::Activity>>,
     ) -> StrictIo<T> {
         StrictIo {
-            inner,
+            inner: Some(inner),
             scan: Scanner::new(max_head),
             ready: Vec::new(),
             taken: 0,
             header_timeout,
             deadline: Some(Box::pin(tokio::time::sleep(header_timeout))),
             activity,
+            park_slot: None,
+            parking: false,
+            write_blocked: false,
         }
+    }
+
+    /// Enables parking (see the type's documentation; needs an activity).
+    /// `resumed`: the connection was parked before, so it is idle between
+    /// requests now (no first-head deadline from the start: the server
+    /// resumes it once bytes have arrived, and hyper's state is fresh).
+    pub fn with_park_slot(mut self, slot: ParkSlot<T>, resumed: bool) -> StrictIo<T> {
+        self.park_slot = Some(slot);
+        if resumed {
+            self.deadline = None;
+        }
+        self
+    }
+
+    /// Whether to report end of stream now, to park (see the type's docs).
+    fn should_park(&self) -> bool {
+        let Some(a) = &self.activity else {
+            return false;
+        };
+        self.park_slot.is_some()
+            && !self.write_blocked
+            && self.scan.heads() > 0
+            && self.scan.at_boundary()
+            && self.taken == self.ready.len()
+            && a.park_requested()
+            && a.is_idle()
+    }
+
+    fn io(&mut self) -> io::Result<&mut T> {
+        self.inner.as_mut().ok_or_else(parked_error)
     }
 
     /// Arms or drops the head deadline after the scanner has seen new bytes.
@@ -446,9 +512,12 @@ impl<T> StrictIo<T> {
             ),
         );
         let raw = e.to_raw_http1(&crate::server::service::new_request_id());
-        if let Poll::Ready(Ok(n)) = Pin::new(&mut self.inner).poll_write(cx, &raw) {
+        let Some(inner) = self.inner.as_mut() else {
+            return;
+        };
+        if let Poll::Ready(Ok(n)) = Pin::new(&mut *inner).poll_write(cx, &raw) {
             if n == raw.len() {
-                let _ = Pin::new(&mut self.inner).poll_flush(cx);
+                let _ = Pin::new(inner).poll_flush(cx);
             }
         }
     }
@@ -459,10 +528,6 @@ impl<T> StrictIo<T> {
             Some(d) if !self.scan.is_off() => d.as_mut().poll(cx).is_ready(),
             _ => false,
         }
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
     }
 }
 
@@ -492,10 +557,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for StrictIo<T> {
                 return Poll::Ready(Ok(()));
             }
             if this.scan.is_off() {
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
+                return Pin::new(this.io()?).poll_read(cx, buf);
+            }
+            if this.should_park() {
+                this.parking = true;
+                return Poll::Ready(Ok(()));
             }
             let start = buf.filled().len();
-            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            match Pin::new(this.io()?).poll_read(cx, buf) {
                 Poll::Ready(r) => r?,
                 Poll::Pending => {
                     if this.head_timed_out(cx) {
@@ -518,6 +587,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for StrictIo<T> {
                     return Poll::Ready(Ok(()));
                 }
                 continue;
+            }
+            if let Some(a) = &this.activity {
+                a.clear_park_request();
             }
             let new = &buf.filled()[start..];
             let k = this.scan.advance(new);
@@ -543,7 +615,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StrictIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(this.io()?).poll_write(cx, buf);
+        this.write_blocked = r.is_pending();
+        r
     }
 
     fn poll_write_vectored(
@@ -551,19 +626,35 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StrictIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(this.io()?).poll_write_vectored(cx, bufs);
+        this.write_blocked = r.is_pending();
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(this.io()?).poll_flush(cx);
+        if r.is_pending() {
+            this.write_blocked = true;
+        }
+        r
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.parking {
+            // Parked, not closed: the socket goes to the server, open.
+            if let (Some(io), Some(slot)) = (this.inner.take(), this.park_slot.as_ref()) {
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(io);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(this.io()?).poll_shutdown(cx)
     }
 }
 
@@ -713,6 +804,139 @@ mod tests {
         passes(&h);
         bad.extend_from_slice(b"content-length: 1\r\ncontent-length: 1\r\n\r\n");
         refuses(&bad, b"", Violation::RepeatedContentLength);
+    }
+
+    /// A socket stand-in: reads hand out `input` once, writes succeed
+    /// unless `blocked`.
+    struct Mock {
+        input: Vec<u8>,
+        blocked: bool,
+        shut: bool,
+    }
+
+    impl AsyncRead for Mock {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.input.is_empty() {
+                return Poll::Pending;
+            }
+            let n = buf.remaining().min(this.input.len());
+            buf.put_slice(&this.input[..n]);
+            this.input.drain(..n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Mock {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.blocked {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(buf.len()))
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What one `poll_read` gives: `Some(bytes)` (empty = end of stream)
+    /// or `None` (pending).
+    fn read_once(io: &mut StrictIo<Mock>) -> Option<Vec<u8>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut space = [0u8; 256];
+        let mut buf = ReadBuf::new(&mut space);
+        match Pin::new(io).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(r) => {
+                r.unwrap();
+                Some(buf.filled().to_vec())
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    fn write_once(io: &mut StrictIo<Mock>) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(io)
+            .poll_write(&mut cx, b"HTTP/1.1 200 OK\r\n")
+            .is_ready()
+    }
+
+    fn parkable(input: &[u8]) -> (StrictIo<Mock>, Arc<crate::server::Activity>, ParkSlot<Mock>) {
+        let activity = crate::server::Activity::new();
+        let slot: ParkSlot<Mock> = Arc::new(std::sync::Mutex::new(None));
+        let mock = Mock {
+            input: input.to_vec(),
+            blocked: false,
+            shut: false,
+        };
+        let io = StrictIo::new(
+            mock,
+            64 * 1024,
+            Duration::from_secs(10),
+            Some(activity.clone()),
+        )
+        .with_park_slot(slot.clone(), false);
+        (io, activity, slot)
+    }
+
+    #[tokio::test]
+    async fn parks_only_between_requests_with_nothing_left_to_write() {
+        let (mut io, activity, slot) = parkable(GET);
+        assert_eq!(read_once(&mut io).as_deref(), Some(GET));
+        activity.request_park();
+        // Response bytes still waiting for the socket: no parking.
+        io.inner.as_mut().unwrap().blocked = true;
+        assert!(!write_once(&mut io));
+        assert_eq!(read_once(&mut io), None);
+        // Written: the next read reports end of stream, and the shutdown
+        // that follows parks the socket, open, in the slot.
+        io.inner.as_mut().unwrap().blocked = false;
+        assert!(write_once(&mut io));
+        assert_eq!(read_once(&mut io), Some(Vec::new()));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut io).poll_shutdown(&mut cx).is_ready());
+        let parked = slot.lock().unwrap().take().expect("parked");
+        assert!(!parked.shut, "the socket was not shut down");
+        assert!(io.inner.is_none());
+    }
+
+    #[tokio::test]
+    async fn never_parks_mid_request_before_the_first_or_unasked() {
+        // Mid-body: the request's body has not all arrived.
+        let (mut io, activity, _slot) =
+            parkable(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc");
+        assert!(read_once(&mut io).is_some());
+        activity.request_park();
+        assert_eq!(read_once(&mut io), None);
+        // Before any request.
+        let (mut io, activity, _slot) = parkable(b"");
+        activity.request_park();
+        assert_eq!(read_once(&mut io), None);
+        // Not asked to.
+        let (mut io, _activity, _slot) = parkable(GET);
+        assert!(read_once(&mut io).is_some());
+        assert_eq!(read_once(&mut io), None);
+        // Asked, but bytes of the next request arrived since: the request
+        // is withdrawn.
+        let mut two = GET.to_vec();
+        two.extend_from_slice(GET);
+        let (mut io, activity, _slot) = parkable(&two);
+        activity.request_park();
+        assert!(read_once(&mut io).is_some_and(|b| !b.is_empty()));
+        assert!(!activity.park_requested());
     }
 
     #[tokio::test]

@@ -418,3 +418,139 @@ async fn idle_http2_connections_get_goaway() {
         "GOAWAY before closing: {frames:?}"
     );
 }
+
+/// `limited`, plus an admin listener for `/metrics`.
+async fn limited_with_admin(up: std::net::SocketAddr, listener_extra: &str) -> TestGateway {
+    gateway(&format!(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\n{listener_extra}admin:\n  address: 127.0.0.1:0\nupstreams:\n  - name: up\n    targets: [{{address: '{up}'}}]\nroutes:\n  - name: all\n    action: {{proxy: {{upstream: up}}}}\n"
+    ))
+    .await
+}
+
+fn parked(m: &super::support::metrics::Metrics) -> f64 {
+    m.value("portico_connections_parked", &[("listener", "main")])
+}
+
+fn open(m: &super::support::metrics::Metrics) -> f64 {
+    m.value(
+        "portico_connections_open",
+        &[
+            ("listener", "main"),
+            ("protocol", "http1"),
+            ("tls", "false"),
+        ],
+    )
+}
+
+/// Sends one request on `conn` and reads the whole answer.
+async fn exchange(conn: &mut RawConn, req: &[u8]) -> (u16, Vec<u8>) {
+    conn.write(req).await;
+    let head = conn.read_head().await;
+    let body = conn.read_body(&head, false).await;
+    (head.status, body)
+}
+
+/// An idle keep-alive connection parks (hyper's connection and buffers
+/// dropped, the socket kept) and is served again, on the same socket, when
+/// its client sends more: a plain request, a body, pipelined requests.
+#[tokio::test]
+async fn idle_keep_alive_connections_park_and_resume() {
+    use super::support::metrics::scrape_until;
+    let up = upstream::echo().await;
+    let gw = limited_with_admin(up.addr, "").await;
+    let admin = gw.running.admin_addr();
+    let mut conn = RawConn::connect(gw.addr()).await;
+    assert_eq!(exchange(&mut conn, get_head()).await.0, 200);
+    scrape_until(admin, None, |m| parked(m) == 1.0 && open(m) == 1.0).await;
+
+    // A request with a body on the parked connection.
+    let (status, body) = exchange(
+        &mut conn,
+        b"POST /p HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["body_len"], 5);
+    scrape_until(admin, None, |m| parked(m) == 1.0).await;
+
+    // Two pipelined requests in one write, after parking again.
+    conn.write(b"GET /one HTTP/1.1\r\nhost: a\r\n\r\nGET /two HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await;
+    for path in ["/one", "/two"] {
+        let head = conn.read_head().await;
+        assert_eq!(head.status, 200);
+        let body = conn.read_body(&head, false).await;
+        assert!(String::from_utf8_lossy(&body).contains(path), "{path}");
+    }
+    assert_eq!(up.hits(), 4, "every request reached the upstream once");
+
+    // The client closes a parked connection: it is gone from both gauges.
+    scrape_until(admin, None, |m| parked(m) == 1.0).await;
+    drop(conn);
+    scrape_until(admin, None, |m| parked(m) == 0.0 && open(m) == 0.0).await;
+}
+
+/// A request split around the moment of parking is not lost: the head's
+/// first bytes arrive on the parked socket, the rest later.
+#[tokio::test]
+async fn a_head_arriving_in_pieces_on_a_parked_connection_is_served() {
+    use super::support::metrics::scrape_until;
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited_with_admin(up.addr, "").await;
+    let admin = gw.running.admin_addr();
+    let mut conn = RawConn::connect(gw.addr()).await;
+    assert_eq!(exchange(&mut conn, get_head()).await.0, 200);
+    scrape_until(admin, None, |m| parked(m) == 1.0).await;
+    conn.write(b"GET /x HTT").await;
+    scrape_until(admin, None, |m| parked(m) == 0.0).await;
+    conn.write(b"P/1.1\r\nhost: a\r\n\r\n").await;
+    let head = conn.read_head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(conn.read_body(&head, false).await, b"ok");
+}
+
+/// Draining closes parked connections (after the grace that spares a
+/// request already on its way), and a request that arrives on one while
+/// draining is served with `Connection: close`.
+#[tokio::test]
+async fn draining_closes_parked_connections_and_serves_one_last_request() {
+    use super::support::metrics::scrape_until;
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited_with_admin(up.addr, "").await;
+    let admin = gw.running.admin_addr();
+    let mut quiet = RawConn::connect(gw.addr()).await;
+    let mut late = RawConn::connect(gw.addr()).await;
+    assert_eq!(exchange(&mut quiet, get_head()).await.0, 200);
+    assert_eq!(exchange(&mut late, get_head()).await.0, 200);
+    scrape_until(admin, None, |m| parked(m) == 2.0).await;
+    gw.running.shared.begin_drain();
+    late.write(get_head()).await;
+    let head = late.read_head().await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("connection"), Some("close"));
+    assert_eq!(late.read_body(&head, false).await, b"ok");
+    assert!(closes_within(&mut late, Duration::from_secs(10)).await);
+    assert!(
+        closes_within(&mut quiet, Duration::from_secs(10)).await,
+        "the idle parked connection was closed"
+    );
+    assert_eq!(up.hits(), 3);
+}
+
+/// `max_connection_lifetime` applies to a parked connection: once it has
+/// passed, the connection is closed (a request arriving within the grace is
+/// still served, with `Connection: close`).
+#[tokio::test]
+async fn parked_connections_close_at_their_lifetime() {
+    use super::support::metrics::scrape_until;
+    let up = upstream::fixed(200, "ok").await;
+    let gw = limited_with_admin(up.addr, "    max_connection_lifetime: 1500ms\n").await;
+    let admin = gw.running.admin_addr();
+    let mut conn = RawConn::connect(gw.addr()).await;
+    assert_eq!(exchange(&mut conn, get_head()).await.0, 200);
+    scrape_until(admin, None, |m| parked(m) == 1.0).await;
+    assert!(closes_within(&mut conn, Duration::from_secs(10)).await);
+    scrape_until(admin, None, |m| parked(m) == 0.0 && open(m) == 0.0).await;
+}
