@@ -122,10 +122,10 @@ impl Consumers {
         };
         for (i, c) in list.iter().enumerate() {
             let p = format!("consumers[{i}]");
-            if c.id.is_empty() || c.id == "anonymous" || c.id == "other" {
+            if c.id.is_empty() || c.id == super::ANONYMOUS || c.id == "other" {
                 err(
                     format!("{p}.id"),
-                    "must be non-empty and not `anonymous` or `other` (reserved metric labels)"
+                    "must be non-empty and not `anonymous` (the id the upstream receives for callers without credentials) or `other` (reserved metric labels)"
                         .into(),
                 );
                 continue;

@@ -362,7 +362,7 @@ impl Identity {
     pub fn consumer_id(&self) -> Option<&str> {
         match (&self.consumer, self.method) {
             (Some(c), _) => Some(&c.id),
-            (None, Method::Anonymous) => Some("anonymous"),
+            (None, Method::Anonymous) => Some(ANONYMOUS),
             (None, _) => None,
         }
     }
@@ -401,6 +401,11 @@ pub trait Authenticator: Send + Sync + 'static {
     /// The scheme a missing credential is challenged with.
     fn scheme(&self) -> Scheme;
 }
+
+/// The consumer id of a caller without credentials on a route that allows
+/// it: the `x-consumer-id` value, the `consumer` metric label. Reserved: no
+/// configured consumer may have it.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// The realm in `WWW-Authenticate` challenges.
 pub const REALM: &str = "portico";

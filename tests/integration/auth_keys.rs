@@ -184,10 +184,22 @@ async fn anonymous_access_and_metrics_by_consumer() {
     let up = upstream::echo().await;
     let gw = gateway(&config(up.addr)).await;
 
-    let r = req(gw.url("/open"), &[]).await;
+    // The anonymous caller is passed upstream as the consumer `anonymous`
+    // (no configured consumer can have that id), whatever the client says.
+    let r = req(
+        gw.url("/open"),
+        &[
+            ("x-consumer-id", "app"),
+            ("x-consumer-groups", "mobile"),
+            ("x-consumer-plan", "pro"),
+        ],
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(seen(&r, "x-auth-method").as_deref(), Some("anonymous"));
-    assert_eq!(seen(&r, "x-consumer-id"), None);
+    assert_eq!(r.json()["headers"]["x-consumer-id"], serde_json::json!(["anonymous"]));
+    assert_eq!(seen(&r, "x-consumer-groups"), None);
+    assert_eq!(seen(&r, "x-consumer-plan"), None);
     // A present credential still decides: a bad key is refused, not
     // downgraded to anonymous.
     let r = req(gw.url("/open"), &[("x-api-key", "bad")]).await;
@@ -323,6 +335,7 @@ consumers:
     credentials:
       api_keys: [{sha256: nothex}]
   - id: a
+  - id: anonymous
 routes:
   - name: r
     group: nope
@@ -339,12 +352,19 @@ routes:
         "gw.yaml:5:",
         "consumers[0].credentials.api_keys[0].sha256: must be 64 hex digits",
         "consumers[1].id: duplicate consumer id `a`",
+        "consumers[2].id: must be non-empty and not `anonymous`",
         "routes[0].group: no route group is named `nope`",
         "routes[0].policies[0].auth.methods[0].api_key.header: `bad header` is not a valid header name",
         "routes[0].policies[0].auth.methods[1]: a method names exactly one of",
     ] {
         assert!(errs.contains(want), "missing `{want}` in:\n{errs}");
     }
+    // `anonymous` is the id anonymous callers get: reserved, with its line.
+    let line = errs
+        .lines()
+        .find(|l| l.contains("consumers[2].id"))
+        .unwrap();
+    assert!(line.contains("gw.yaml:7:"), "{line}");
     // A plaintext key written in the file is refused; from the environment
     // it is accepted.
     let plain = "listeners: [{name: main, address: '127.0.0.1:0'}]\nconsumers:\n  - id: a\n    credentials:\n      api_keys: [{key: written-in-the-file-1234}]\nroutes: [{name: r, action: {respond: {}}}]\n";
