@@ -34,6 +34,11 @@ pub struct ConsumerHeaderNames {
 }
 
 impl ConsumerHeaderNames {
+    /// Whether `n` is one of them.
+    pub fn contains(&self, n: &HeaderName) -> bool {
+        [&self.id, &self.groups, &self.plan, &self.method].contains(&n)
+    }
+
     /// Removes every one of them from a client's request.
     #[inline]
     pub fn strip(&self, h: &mut http::HeaderMap) {
