@@ -2,6 +2,7 @@
 //! that rotates keys and goes down, the token sources, the cache, and one
 //! test per attack.
 
+use super::support::jwt::{keys, now, rs256, sign, ISS};
 use super::support::{client, eventually, metrics, upstream};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -12,104 +13,16 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use portico::auth::{Method, Reason};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-const ISS: &str = "https://id.test";
 const SECRET: &str = "a-test-hmac-secret-of-at-least-32-bytes";
 
-// ---------------------------------------------------------------- keys
-
-/// A key pair: how to sign, and the public JWK.
-struct Pair {
-    sign: EncodingKey,
-    jwk: Value,
-    pem: String,
-}
-
-fn rsa_pair(kid: &str) -> Pair {
-    use rsa::pkcs1::EncodeRsaPrivateKey;
-    use rsa::pkcs8::{EncodePublicKey, LineEnding};
-    use rsa::traits::PublicKeyParts;
-    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
-    let public = key.to_public_key();
-    Pair {
-        sign: EncodingKey::from_rsa_der(key.to_pkcs1_der().unwrap().as_bytes()),
-        jwk: json!({
-            "kty": "RSA", "kid": kid, "use": "sig",
-            "n": URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
-            "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
-        }),
-        pem: public.to_public_key_pem(LineEnding::LF).unwrap(),
-    }
-}
-
-fn rcgen_pair(alg: &'static rcgen::SignatureAlgorithm, kid: &str) -> Pair {
-    let kp = rcgen::KeyPair::generate_for(alg).unwrap();
-    let raw = kp.public_key_raw();
-    let jwk = if alg == &rcgen::PKCS_ED25519 {
-        json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": URL_SAFE_NO_PAD.encode(raw)})
-    } else {
-        let n = (raw.len() - 1) / 2;
-        let crv = if n == 32 { "P-256" } else { "P-384" };
-        json!({"kty": "EC", "crv": crv, "kid": kid,
-               "x": URL_SAFE_NO_PAD.encode(&raw[1..1 + n]),
-               "y": URL_SAFE_NO_PAD.encode(&raw[1 + n..])})
-    };
-    let der = kp.serialize_der();
-    Pair {
-        sign: if alg == &rcgen::PKCS_ED25519 {
-            EncodingKey::from_ed_der(&der)
-        } else {
-            EncodingKey::from_ec_der(&der)
-        },
-        jwk,
-        pem: kp.public_key_pem(),
-    }
-}
-
-struct Keys {
-    rsa: Pair,
-    rsa2: Pair,
-    attacker: Pair,
-    ec256: Pair,
-    ec384: Pair,
-    ed: Pair,
-}
-
-/// Generated once per test process (RSA generation is the slow part).
-fn keys() -> &'static Keys {
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    KEYS.get_or_init(|| Keys {
-        rsa: rsa_pair("rsa-1"),
-        rsa2: rsa_pair("rsa-2"),
-        attacker: rsa_pair("evil"),
-        ec256: rcgen_pair(&rcgen::PKCS_ECDSA_P256_SHA256, "ec256"),
-        ec384: rcgen_pair(&rcgen::PKCS_ECDSA_P384_SHA384, "ec384"),
-        ed: rcgen_pair(&rcgen::PKCS_ED25519, "ed"),
-    })
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+// ---------------------------------------------------------------- tokens
 
 fn claims() -> Value {
     json!({"iss": ISS, "aud": "api", "sub": "user-1", "exp": now() + 600,
            "iat": now(), "scope": "feed.read feed.write", "azp": "web"})
-}
-
-fn sign(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, claims: &Value) -> String {
-    let mut h = Header::new(alg);
-    h.kid = kid.map(String::from);
-    encode(&h, claims, key).unwrap()
-}
-
-fn rs256(kid: &str, claims: &Value) -> String {
-    sign(Algorithm::RS256, Some(kid), &keys().rsa.sign, claims)
 }
 
 fn b64(v: &Value) -> String {
