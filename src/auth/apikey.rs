@@ -1,6 +1,8 @@
 //! The `api_key` method: a key from a header or a query parameter, looked
 //! up by its SHA-256 among the consumers' keys (the file stores digests
-//! only), compared in constant time.
+//! only). The key itself is never compared, so no timing depends on how
+//! close a guess is (`Consumers::api_key` explains why the digest lookup
+//! needs no constant-time comparison).
 //!
 //! And the mTLS method: the connection's verified client certificate,
 //! mapped to a consumer by fingerprint, SAN or subject.

@@ -51,8 +51,8 @@ pub struct KeyEntry {
 pub struct Consumers {
     pub list: Vec<Arc<Consumer>>,
     by_id: HashMap<Arc<str>, u32>,
-    /// SHA-256 of the key → entry. Looked up by digest, so the lookup itself
-    /// does not depend on how many leading bytes of a key match.
+    /// SHA-256 of the key → entry (see [`Consumers::api_key`] for why
+    /// looking keys up by digest leaks nothing through timing).
     api_keys: HashMap<[u8; 32], KeyEntry>,
     by_fingerprint: HashMap<String, u32>,
     by_subject: HashMap<String, u32>,
@@ -70,15 +70,25 @@ impl Consumers {
         self.list.is_empty()
     }
 
-    /// The entry of an API key, by the SHA-256 of the presented key. The
-    /// final comparison of the stored and computed digests is
-    /// constant-time (`ring::constant_time` semantics via a fold), so no
-    /// timing reveals how close a guess was.
+    /// The entry of an API key, by the SHA-256 of the presented key.
+    ///
+    /// What is constant-time, and why nothing more needs to be: the
+    /// presented key is never compared with anything. It is hashed
+    /// (SHA-256, whose time depends only on the key's length, which the
+    /// caller knows) and the digest is looked up in a hash table. That
+    /// lookup is not constant-time — SipHash picks a bucket, then digests
+    /// in it are compared with ordinary `==`, which may stop at the first
+    /// differing byte — so its timing could at most tell how many leading
+    /// bytes of the *digest* of a guess equal those of a stored digest.
+    /// That is worth nothing: a guess's digest is unpredictable until it is
+    /// computed, and a key whose digest starts with chosen bytes can only be
+    /// found by brute force (SHA-256 preimage resistance), so closeness of
+    /// digests says nothing about closeness of keys. (SipHash's key is
+    /// random, so which stored digests share a bucket with a guess is
+    /// hidden too.) A byte-wise constant-time comparison after the
+    /// lookup would add nothing: the table has already found equal digests.
     pub fn api_key(&self, digest: &[u8; 32]) -> Option<(KeyEntry, &Arc<Consumer>)> {
-        let (stored, e) = self.api_keys.get_key_value(digest)?;
-        if !constant_time_eq(stored, digest) {
-            return None;
-        }
+        let e = self.api_keys.get(digest)?;
         Some((*e, &self.list[e.consumer as usize]))
     }
 
@@ -112,10 +122,10 @@ impl Consumers {
         };
         for (i, c) in list.iter().enumerate() {
             let p = format!("consumers[{i}]");
-            if c.id.is_empty() || c.id == "anonymous" || c.id == "other" {
+            if c.id.is_empty() || c.id == super::ANONYMOUS || c.id == "other" {
                 err(
                     format!("{p}.id"),
-                    "must be non-empty and not `anonymous` or `other` (reserved metric labels)"
+                    "must be non-empty and not `anonymous` (the id the upstream receives for callers without credentials) or `other` (reserved metric labels)"
                         .into(),
                 );
                 continue;
@@ -281,14 +291,6 @@ impl Consumers {
     }
 }
 
-/// Equal-length comparison whose time does not depend on where bytes differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Consumer id → metrics slot, grow-only and shared by every snapshot, so a
 /// route's per-consumer counters (carried across reloads by route name)
 /// keep meaning the same consumer. Slot 0 is `anonymous`, 1 is `other`.
@@ -421,12 +423,5 @@ mod tests {
             errs[0].contains("must come from the environment"),
             "{errs:?}"
         );
-    }
-
-    #[test]
-    fn constant_time_eq_compares() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

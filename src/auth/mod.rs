@@ -239,6 +239,13 @@ impl AuthFailure {
     /// The answer: 401 + challenge for bad or missing credentials, 403 for
     /// a known caller without the right, 503 (or the configured status)
     /// when credentials cannot be checked.
+    ///
+    /// Challenges follow RFC 6750 §3 and RFC 7235: every 401 carries one
+    /// (except for client certificates, which have no HTTP scheme); a 403
+    /// carries one only for a bearer token lacking a scope
+    /// (`error="insufficient_scope"`, so an OAuth client knows to ask for a
+    /// wider token); any other 403 carries none — new credentials of the
+    /// same caller would not change the answer.
     pub fn to_error(&self, realm: &str) -> GatewayError {
         let (kind, code) = match self.reason {
             Reason::Unavailable => (ErrorKind::AuthUnavailable, None),
@@ -255,24 +262,22 @@ impl AuthFailure {
         if let Some(s) = self.status {
             e = e.with_status(s);
         }
-        let challenge = match (self.scheme, kind) {
-            (Scheme::Certificate, _) => None,
+        let challenges = match kind {
+            ErrorKind::Unauthorized => true,
             // A configured `401` still challenges (RFC 7235 requires it).
-            (_, ErrorKind::AuthUnavailable) if self.status != Some(StatusCode::UNAUTHORIZED) => {
-                None
-            }
-            (Scheme::ApiKey, ErrorKind::Unauthorized | ErrorKind::AuthUnavailable) => {
-                Some(format!("ApiKey realm=\"{realm}\""))
-            }
-            (Scheme::ApiKey, _) => None,
-            (Scheme::Bearer, _) => {
-                Some(match code {
-                    None => format!("Bearer realm=\"{realm}\""),
-                    Some(code) => {
-                        format!("Bearer realm=\"{realm}\", error=\"{code}\", error_description=\"{desc}\"")
-                    }
-                })
-            }
+            ErrorKind::AuthUnavailable => self.status == Some(StatusCode::UNAUTHORIZED),
+            _ => self.reason == Reason::InsufficientScope && self.scheme == Scheme::Bearer,
+        };
+        let challenge = match self.scheme {
+            _ if !challenges => None,
+            Scheme::Certificate => None,
+            Scheme::ApiKey => Some(format!("ApiKey realm=\"{realm}\"")),
+            Scheme::Bearer => Some(match code {
+                None => format!("Bearer realm=\"{realm}\""),
+                Some(code) => format!(
+                    "Bearer realm=\"{realm}\", error=\"{code}\", error_description=\"{desc}\""
+                ),
+            }),
         };
         if let Some(c) = challenge.and_then(|c| HeaderValue::try_from(c).ok()) {
             e = e.with_header(header::WWW_AUTHENTICATE, c);
@@ -357,7 +362,7 @@ impl Identity {
     pub fn consumer_id(&self) -> Option<&str> {
         match (&self.consumer, self.method) {
             (Some(c), _) => Some(&c.id),
-            (None, Method::Anonymous) => Some("anonymous"),
+            (None, Method::Anonymous) => Some(ANONYMOUS),
             (None, _) => None,
         }
     }
@@ -396,6 +401,11 @@ pub trait Authenticator: Send + Sync + 'static {
     /// The scheme a missing credential is challenged with.
     fn scheme(&self) -> Scheme;
 }
+
+/// The consumer id of a caller without credentials on a route that allows
+/// it: the `x-consumer-id` value, the `consumer` metric label. Reserved: no
+/// configured consumer may have it.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// The realm in `WWW-Authenticate` challenges.
 pub const REALM: &str = "portico";
@@ -499,5 +509,90 @@ mod tests {
             .headers()
             .get(header::WWW_AUTHENTICATE)
             .is_none());
+    }
+
+    fn challenge(reason: Reason, method: Method, scheme: Scheme) -> Option<String> {
+        let e = AuthFailure::new(reason, method, scheme).to_error(REALM);
+        let resp = e.to_response(None);
+        let all: Vec<_> = resp
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        assert!(all.len() <= 1, "{all:?}");
+        all.into_iter().next()
+    }
+
+    #[test]
+    fn only_401s_and_a_missing_bearer_scope_challenge() {
+        // Refusals of a known caller: 403 without a challenge, whatever
+        // the scheme (the access policy reports anonymous callers under
+        // the auth step's first scheme, Bearer by default).
+        for reason in [
+            Reason::IpDenied,
+            Reason::ConsumerDenied,
+            Reason::MissingRole,
+            Reason::ClaimMismatch,
+        ] {
+            for (method, scheme) in [
+                (Method::Jwt, Scheme::Bearer),
+                (Method::Introspection, Scheme::Bearer),
+                (Method::Anonymous, Scheme::Bearer),
+                (Method::ApiKey, Scheme::ApiKey),
+                (Method::Mtls, Scheme::Certificate),
+            ] {
+                let e = AuthFailure::new(reason, method, scheme).to_error(REALM);
+                assert_eq!(e.status(), 403, "{reason:?}");
+                assert_eq!(
+                    challenge(reason, method, scheme),
+                    None,
+                    "{reason:?} {scheme:?}"
+                );
+            }
+        }
+        // A missing scope: the RFC 6750 challenge for a bearer token only.
+        assert_eq!(
+            challenge(Reason::InsufficientScope, Method::Jwt, Scheme::Bearer).as_deref(),
+            Some("Bearer realm=\"portico\", error=\"insufficient_scope\", error_description=\"the token lacks a required scope\"")
+        );
+        assert_eq!(
+            challenge(Reason::InsufficientScope, Method::ApiKey, Scheme::ApiKey),
+            None
+        );
+        assert_eq!(
+            challenge(Reason::InsufficientScope, Method::Mtls, Scheme::Certificate),
+            None
+        );
+        // Every 401 challenges under its scheme (certificates have none).
+        assert_eq!(
+            challenge(Reason::Missing, Method::ApiKey, Scheme::ApiKey).as_deref(),
+            Some("ApiKey realm=\"portico\"")
+        );
+        assert_eq!(
+            challenge(Reason::UnknownKey, Method::ApiKey, Scheme::ApiKey).as_deref(),
+            Some("ApiKey realm=\"portico\"")
+        );
+        assert_eq!(
+            challenge(Reason::Missing, Method::Anonymous, Scheme::Bearer).as_deref(),
+            Some("Bearer realm=\"portico\"")
+        );
+        assert_eq!(
+            challenge(Reason::UnknownConsumer, Method::Mtls, Scheme::Certificate),
+            None
+        );
+        // Unavailable: none, unless the configured status is 401.
+        let mut f = AuthFailure::new(Reason::Unavailable, Method::Jwt, Scheme::Bearer);
+        assert!(f
+            .to_error(REALM)
+            .to_response(None)
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .is_none());
+        f.status = Some(StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            f.to_error(REALM).to_response(None).headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"portico\""
+        );
     }
 }

@@ -18,8 +18,10 @@
 //! 6. `claims` (all of them): the claim equals the value, or is an array
 //!    that contains it.
 //!
-//! Refusals are `403` (`insufficient_scope` adds the RFC 6750 challenge),
-//! counted in the route's auth-failure series by the identity's method.
+//! Refusals are `403`; only a bearer token lacking a scope gets a
+//! challenge (`WWW-Authenticate: Bearer ... error="insufficient_scope"`,
+//! RFC 6750 §3.1), every other 403 none. They are counted in the route's
+//! auth-failure series by the identity's method.
 //! Everything is compiled ahead; a request that passes costs no
 //! allocation.
 
@@ -317,6 +319,43 @@ mod tests {
             p.metrics
                 .auth_failures(Method::Jwt.index(), Reason::InsufficientScope.index()),
             1
+        );
+    }
+
+    #[test]
+    fn other_refusals_carry_no_challenge() {
+        let mut p = policy();
+        p.ip_deny = CidrSet(vec![Cidr::parse("10.0.0.0/8").unwrap()]);
+        p.claims = Box::new([("tenant".into(), serde_json::json!("acme"))]);
+        // `challenge` is Bearer: an anonymous caller refused by an IP rule
+        // still gets no challenge, a token with the wrong claim neither.
+        for c in [
+            ctx("10.1.1.1", None),
+            ctx("10.1.1.1", Some(Identity::anonymous())),
+            ctx("1.1.1.1", Some(token(serde_json::json!({"tenant": "x"})))),
+        ] {
+            let mut c = c;
+            let mut req = Request::new(Body::empty());
+            let Step::Ready(Err(e)) = p.on_request(&mut req, &mut c) else {
+                panic!("refused at once");
+            };
+            assert_eq!(e.status(), 403);
+            assert!(e
+                .to_response(None)
+                .headers()
+                .get("www-authenticate")
+                .is_none());
+        }
+        // Without credentials, identity rules answer 401 with the challenge.
+        let mut c = ctx("1.1.1.1", Some(Identity::anonymous()));
+        let mut req = Request::new(Body::empty());
+        let Step::Ready(Err(e)) = p.on_request(&mut req, &mut c) else {
+            panic!("refused at once");
+        };
+        assert_eq!(e.status(), 401);
+        assert_eq!(
+            e.to_response(None).headers()["www-authenticate"],
+            "Bearer realm=\"portico\""
         );
     }
 }

@@ -8,13 +8,15 @@
 //!
 //! On success it records the `Identity` in `Ctx::identity` (later policies,
 //! metrics and the access log read it), sets the consumer headers (the
-//! client's were removed by the service before routing), maps claims to
+//! client's were removed by the service before routing; an anonymous caller
+//! gets the id `anonymous`), maps claims to
 //! headers (removing client-sent ones first), and strips the credentials.
 //! Every refusal is counted in the route's auth-failure series.
 
 use super::{Ctx, Flow, Policy, Step};
 use crate::auth::{
-    Attempt, AttemptStep, AuthFailure, Authenticator, Identity, Method, Reason, Scheme, REALM,
+    Attempt, AttemptStep, AuthFailure, Authenticator, Identity, Method, Reason, Scheme, ANONYMOUS,
+    REALM,
 };
 use crate::body::Body;
 use crate::error::GatewayError;
@@ -32,6 +34,11 @@ pub struct ConsumerHeaderNames {
 }
 
 impl ConsumerHeaderNames {
+    /// Whether `n` is one of them.
+    pub fn contains(&self, n: &HeaderName) -> bool {
+        [&self.id, &self.groups, &self.plan, &self.method].contains(&n)
+    }
+
     /// Removes every one of them from a client's request.
     #[inline]
     pub fn strip(&self, h: &mut http::HeaderMap) {
@@ -102,14 +109,23 @@ impl AuthPolicy {
         for (_, name) in &self.claims_to_headers {
             h.remove(name);
         }
-        if let Some(c) = &id.consumer {
-            h.insert(self.headers.id.clone(), c.id_header.clone());
-            if let Some(g) = &c.groups_header {
-                h.insert(self.headers.groups.clone(), g.clone());
+        match (&id.consumer, id.method) {
+            (Some(c), _) => {
+                h.insert(self.headers.id.clone(), c.id_header.clone());
+                if let Some(g) = &c.groups_header {
+                    h.insert(self.headers.groups.clone(), g.clone());
+                }
+                if let Some(p) = &c.plan_header {
+                    h.insert(self.headers.plan.clone(), p.clone());
+                }
             }
-            if let Some(p) = &c.plan_header {
-                h.insert(self.headers.plan.clone(), p.clone());
+            // No configured consumer can be named `anonymous` (a
+            // configuration error), so the upstream can tell them apart.
+            (None, Method::Anonymous) => {
+                h.insert(self.headers.id.clone(), HeaderValue::from_static(ANONYMOUS));
             }
+            // A token naming no consumer: no consumer headers.
+            (None, _) => {}
         }
         h.insert(
             self.headers.method.clone(),

@@ -252,6 +252,10 @@ fn auth(p: &str, a: &model::AuthPolicy, env: &Env, err: Err) -> Option<AuthPolic
                 format!("{p}.claims_to_headers.{claim}"),
                 format!("`{header}` is a header the gateway manages"),
             ),
+            Ok(n) if env.consumer_headers.contains(&n) => e(
+                format!("{p}.claims_to_headers.{claim}"),
+                format!("`{header}` is one of `auth.consumer_headers`, which the gateway sets"),
+            ),
             Ok(n) => claims_to_headers.push((Box::from(claim.as_str()), n)),
             Err(_) => e(
                 format!("{p}.claims_to_headers.{claim}"),
@@ -544,16 +548,36 @@ fn is_reserved(n: &HeaderName) -> bool {
     .contains(n)
 }
 
-/// `auth.consumer_headers`.
+/// `auth.consumer_headers`. The names are removed from every client
+/// request before routing, so one that the gateway or a credential needs
+/// (`authorization`, `host`, ...) is refused, and so is a name given to two
+/// of them (one value would overwrite the other).
 pub fn consumer_headers(h: &model::ConsumerHeaders, err: Err) -> ConsumerHeaderNames {
-    let mut name = |key: &str, v: &str, dflt: &'static str| {
-        HeaderName::try_from(v).unwrap_or_else(|_| {
+    let mut seen: Vec<(HeaderName, &str)> = Vec::with_capacity(4);
+    let mut name = |key: &'static str, v: &str, dflt: &'static str| {
+        let n = match HeaderName::try_from(v) {
+            Ok(n) => n,
+            Err(_) => {
+                err(
+                    format!("auth.consumer_headers.{key}"),
+                    format!("`{v}` is not a valid header name"),
+                );
+                return HeaderName::from_static(dflt);
+            }
+        };
+        if is_reserved(&n) {
             err(
                 format!("auth.consumer_headers.{key}"),
-                format!("`{v}` is not a valid header name"),
+                format!("`{v}` is a header the gateway manages (it would be removed from every request)"),
             );
-            HeaderName::from_static(dflt)
-        })
+        } else if let Some((_, other)) = seen.iter().find(|(s, _)| *s == n) {
+            err(
+                format!("auth.consumer_headers.{key}"),
+                format!("`{v}` is already the name of `auth.consumer_headers.{other}`"),
+            );
+        }
+        seen.push((n.clone(), key));
+        n
     };
     ConsumerHeaderNames {
         id: name("id", &h.id, "x-consumer-id"),

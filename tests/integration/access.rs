@@ -1,9 +1,11 @@
 //! The `access` policy end to end: consumer and group allow lists (API
-//! keys), scopes, roles and claims (introspected tokens), IPv4/IPv6 allow
-//! and deny lists behind a trusted proxy, spoofed consumer headers,
+//! keys, JWTs), scopes, roles and claims (introspected tokens and signed
+//! JWTs), IPv4/IPv6 allow and deny lists behind a trusted proxy, which
+//! refusals carry a `WWW-Authenticate` challenge, spoofed consumer headers,
 //! anonymous callers, configuration errors.
 
 use super::support::introspection::{self as idp, bearer_claims, Config};
+use super::support::jwt::{self as jwt, claims_with};
 use super::support::{client, gateway, upstream, TestGateway};
 use bytes::Bytes;
 use http::Request;
@@ -217,6 +219,292 @@ async fn scopes_roles_and_claims_from_tokens() {
         failures(&gw, "roles", Method::Introspection, Reason::MissingRole),
         2
     );
+}
+
+/// A gateway with the consumers above, the JWT issuer `main` (RS256, its
+/// key inline, `azp` naming the consumer) and `routes`.
+async fn start_jwt(up: std::net::SocketAddr, routes: &str) -> TestGateway {
+    gateway(&format!(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\nupstreams:\n  - name: up\n    targets: [{{address: \"{up}\"}}]\nconsumers:\n{}auth:\n  jwt_issuers:\n{}routes:\n{routes}",
+        consumers(),
+        jwt::issuer("      consumer_claim: azp\n"),
+    ))
+    .await
+}
+
+const JWT: &str = "{methods: [{jwt: {issuers: [main]}}]}";
+
+/// `Authorization: Bearer` with an RS256 token of consumer `app` carrying
+/// `extra` claims.
+fn bearer_jwt(extra: serde_json::Value) -> String {
+    let mut extra = extra;
+    if extra.get("azp").is_none() {
+        extra["azp"] = json!("app");
+    }
+    format!("Bearer {}", jwt::rs256("rsa-1", &claims_with(extra)))
+}
+
+#[tokio::test]
+async fn scopes_roles_and_claims_from_jwts() {
+    let up = upstream::echo().await;
+    let routes = [
+        route("scopes", JWT, "{scopes: [orders.read, orders.write]}"),
+        route(
+            "roles",
+            JWT,
+            "{roles: [admin, ops], roles_claim: realm_access.roles}",
+        ),
+        route("flat-roles", JWT, "{roles: [admin]}"),
+        route(
+            "tenant",
+            JWT,
+            "{claims: {tenant: acme, level: 3, email_verified: true, realm_access.tier: gold}}",
+        ),
+        route(
+            "all",
+            JWT,
+            "{consumers: [app], scopes: [orders.read], roles: [admin], claims: {tenant: acme}}",
+        ),
+    ]
+    .concat();
+    let gw = start_jwt(up.addr, &routes).await;
+    let call = |path: &'static str, extra: serde_json::Value| {
+        let auth = bearer_jwt(extra);
+        let gw = &gw;
+        async move { send(gw, path, &[("authorization", &auth)]).await }
+    };
+    let insufficient = "Bearer realm=\"portico\", error=\"insufficient_scope\", error_description=\"the token lacks a required scope\"";
+
+    // Scopes, all of them: a space-separated `scope`, an array `scope`, `scp`.
+    for (what, extra) in [
+        ("string", json!({"scope": "orders.read x orders.write"})),
+        ("array", json!({"scope": ["orders.write", "orders.read"]})),
+        ("scp array", json!({"scp": ["orders.read", "orders.write"]})),
+        ("scp string", json!({"scp": "orders.read orders.write"})),
+        (
+            "scope and scp",
+            json!({"scope": "orders.read", "scp": ["orders.write"]}),
+        ),
+    ] {
+        let r = call("/scopes", extra).await;
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        let h = &r.json()["headers"];
+        assert_eq!(h["x-auth-method"], json!(["jwt"]), "{what}");
+        assert_eq!(h["x-consumer-id"], json!(["app"]), "{what}");
+        assert!(h.get("authorization").is_none(), "{what}: stripped");
+    }
+    for (what, extra) in [
+        ("string", json!({"scope": "orders.read"})),
+        ("array", json!({"scope": ["orders.read"]})),
+        (
+            "one string holding both",
+            json!({"scope": ["orders.read orders.write"]}),
+        ),
+        ("prefix", json!({"scope": "orders.read orders.writer"})),
+        ("none", json!({})),
+    ] {
+        let r = call("/scopes", extra).await;
+        assert_eq!(r.status, 403, "{what}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "forbidden", "{what}");
+        assert_eq!(
+            r.json()["error"]["message"],
+            "the token lacks a required scope"
+        );
+        assert_eq!(r.header("www-authenticate"), Some(insufficient), "{what}");
+    }
+    assert_eq!(
+        failures(&gw, "scopes", Method::Jwt, Reason::InsufficientScope),
+        5
+    );
+
+    // Roles: any of them, at a dot path; a string claim is one role.
+    for (extra, ok) in [
+        (json!({"realm_access": {"roles": ["user", "ops"]}}), true),
+        (json!({"realm_access": {"roles": "admin"}}), true),
+        (json!({"realm_access": {"roles": ["user"]}}), false),
+        (json!({"realm_access": {"roles": "admin ops"}}), false),
+        (json!({"roles": ["admin"]}), false),
+        (json!({}), false),
+    ] {
+        let r = call("/roles", extra.clone()).await;
+        if ok {
+            assert_eq!(r.status, 200, "{extra}: {}", r.text());
+        } else {
+            assert_forbidden(&r, &extra.to_string());
+            assert!(r.header("www-authenticate").is_none(), "{extra}");
+        }
+    }
+    assert_eq!(failures(&gw, "roles", Method::Jwt, Reason::MissingRole), 4);
+    assert_eq!(
+        call("/flat-roles", json!({"roles": "admin"})).await.status,
+        200
+    );
+    assert_eq!(
+        call("/flat-roles", json!({"roles": ["ops", "admin"]}))
+            .await
+            .status,
+        200
+    );
+
+    // Claims: all equal (or contained in an array claim), typed, dot paths.
+    let good = json!({"tenant": "acme", "level": 3, "email_verified": true,
+                      "realm_access": {"tier": "gold"}});
+    assert_eq!(call("/tenant", good.clone()).await.status, 200);
+    let mut t = good.clone();
+    t["tenant"] = json!(["globex", "acme"]);
+    assert_eq!(call("/tenant", t).await.status, 200, "array claim");
+    let bad = [
+        ("tenant", json!("globex")),
+        ("tenant", json!(["globex"])),
+        ("level", json!("3")),
+        ("level", json!(4)),
+        ("email_verified", json!(false)),
+        ("email_verified", json!("true")),
+        ("realm_access", json!({"tier": "silver"})),
+    ];
+    for (k, v) in &bad {
+        let mut t = good.clone();
+        t[*k] = v.clone();
+        let r = call("/tenant", t).await;
+        assert_forbidden(&r, &format!("{k}={v}"));
+        assert!(r.header("www-authenticate").is_none(), "{k}={v}");
+    }
+    let mut t = good;
+    t.as_object_mut().unwrap().remove("email_verified");
+    assert_forbidden(&call("/tenant", t).await, "absent claim");
+    assert_eq!(
+        failures(&gw, "tenant", Method::Jwt, Reason::ClaimMismatch),
+        bad.len() as u64 + 1
+    );
+
+    // Every rule at once, checked in order: consumer, scopes, roles, claims.
+    let all = json!({"scope": "orders.read", "roles": ["admin"], "tenant": "acme"});
+    assert_eq!(call("/all", all.clone()).await.status, 200);
+    for (change, reason) in [
+        (json!({"azp": "partner"}), Reason::ConsumerDenied),
+        (json!({"scope": "x"}), Reason::InsufficientScope),
+        (json!({"roles": []}), Reason::MissingRole),
+        (json!({"tenant": "globex"}), Reason::ClaimMismatch),
+    ] {
+        let mut t = all.clone();
+        for (k, v) in change.as_object().unwrap() {
+            t[k] = v.clone();
+        }
+        let before = failures(&gw, "all", Method::Jwt, reason);
+        let r = call("/all", t).await;
+        assert_eq!(r.status, 403, "{reason:?}");
+        assert_eq!(failures(&gw, "all", Method::Jwt, reason), before + 1);
+    }
+}
+
+/// A request (path, headers) and the answer expected: status and
+/// `WWW-Authenticate` values.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u16, &'a [&'a str]);
+
+/// `WWW-Authenticate` values of a reply, in order.
+fn challenges(r: &client::Reply) -> Vec<&str> {
+    r.headers
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn only_401s_and_a_bearer_tokens_missing_scope_carry_a_challenge() {
+    let up = upstream::echo().await;
+    let routes = [
+        // No `auth` step: the access policy's challenge scheme defaults to
+        // Bearer, which must not leak into its 403.
+        route("ip-only", "", "{ip_deny: [127.0.0.1]}"),
+        route("jwt-ip", JWT, "{ip_deny: [127.0.0.1]}"),
+        route("key-ip", API_KEY, "{ip_deny: [127.0.0.1]}"),
+        route(
+            "anon-ip",
+            "{methods: [{jwt: {issuers: [main]}}], anonymous: true}",
+            "{ip_deny: [127.0.0.1]}",
+        ),
+        route("jwt-consumer", JWT, "{consumers: [partner]}"),
+        route("key-consumer", API_KEY, "{groups: [partners]}"),
+        route("jwt-role", JWT, "{roles: [admin]}"),
+        route("jwt-claim", JWT, "{claims: {tenant: acme}}"),
+        route("jwt-scope", JWT, "{scopes: [write]}"),
+        route("key-scope", API_KEY, "{scopes: [write]}"),
+        route(
+            "anon-scope",
+            "{methods: [{jwt: {issuers: [main]}}], anonymous: true}",
+            "{scopes: [write]}",
+        ),
+        route(
+            "anon-key",
+            "{methods: [{api_key: {header: x-api-key}}, {jwt: {issuers: [main]}}], anonymous: true}",
+            "{consumers: [app]}",
+        ),
+    ]
+    .concat();
+    let gw = start_jwt(up.addr, &routes).await;
+    let token = bearer_jwt(json!({"scope": "read"}));
+    let jwt_h = [("authorization", token.as_str())];
+    let key_h = [("x-api-key", APP_KEY)];
+    let none: [(&str, &str); 0] = [];
+    let insufficient = "Bearer realm=\"portico\", error=\"insufficient_scope\", error_description=\"the token lacks a required scope\"";
+    let cases: [Case; 13] = [
+        ("/ip-only", &none, 403, &[]),
+        ("/jwt-ip", &jwt_h, 403, &[]),
+        ("/key-ip", &key_h, 403, &[]),
+        ("/anon-ip", &none, 403, &[]),
+        ("/jwt-consumer", &jwt_h, 403, &[]),
+        ("/key-consumer", &key_h, 403, &[]),
+        ("/jwt-role", &jwt_h, 403, &[]),
+        ("/jwt-claim", &jwt_h, 403, &[]),
+        ("/jwt-scope", &jwt_h, 403, &[insufficient]),
+        // An API key has no scopes: refused, but no bearer token would help
+        // this caller's key.
+        ("/key-scope", &key_h, 403, &[]),
+        // No credentials: 401 with the auth step's first scheme.
+        ("/anon-scope", &none, 401, &["Bearer realm=\"portico\""]),
+        ("/anon-key", &none, 401, &["ApiKey realm=\"portico\""]),
+        // A bad credential: the auth step's 401 with its own challenge.
+        (
+            "/jwt-role",
+            &[("authorization", "Bearer x.y.z")],
+            401,
+            &["Bearer realm=\"portico\", error=\"invalid_token\", error_description=\"the credentials are not valid\""],
+        ),
+    ];
+    for (path, headers, status, want) in cases {
+        let r = send(&gw, path, headers).await;
+        assert_eq!(r.status.as_u16(), status, "{path}: {}", r.text());
+        assert_eq!(challenges(&r), want, "{path}");
+    }
+    assert_eq!(up.hits(), 0);
+    for (route, method, reason) in [
+        ("ip-only", Method::Anonymous, Reason::IpDenied),
+        ("jwt-ip", Method::Jwt, Reason::IpDenied),
+        ("key-ip", Method::ApiKey, Reason::IpDenied),
+        ("anon-ip", Method::Anonymous, Reason::IpDenied),
+        ("jwt-consumer", Method::Jwt, Reason::ConsumerDenied),
+        ("key-consumer", Method::ApiKey, Reason::ConsumerDenied),
+        ("jwt-role", Method::Jwt, Reason::MissingRole),
+        ("jwt-claim", Method::Jwt, Reason::ClaimMismatch),
+        ("jwt-scope", Method::Jwt, Reason::InsufficientScope),
+        ("key-scope", Method::ApiKey, Reason::InsufficientScope),
+        ("anon-scope", Method::Anonymous, Reason::Missing),
+        ("anon-key", Method::Anonymous, Reason::Missing),
+    ] {
+        assert_eq!(failures(&gw, route, method, reason), 1, "{route}");
+    }
+    // gRPC callers get the same decisions as statuses.
+    let r = client::send(
+        Request::post(gw.url("/jwt-role"))
+            .header("content-type", "application/grpc")
+            .header("authorization", &token)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.header("grpc-status"), Some("7"));
+    assert!(r.header("www-authenticate").is_none());
 }
 
 #[tokio::test]

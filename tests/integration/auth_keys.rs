@@ -1,8 +1,8 @@
 //! Consumers and the `auth` policy's API-key and mTLS methods through a real
 //! gateway: keys from a header or a query parameter, wrong and revoked
 //! keys, anonymous access, consumer headers (set by the gateway, never by
-//! the client), route groups, per-consumer metrics, failure counters and
-//! the admin API's usage endpoint; `portico hash-key`.
+//! the client; custom names included), route groups, per-consumer metrics,
+//! failure counters and the admin API's usage endpoint; `portico hash-key`.
 
 use super::support::metrics::{admin_get, scrape};
 use super::support::tls::{self as t, ClientOpts, Pki, H1};
@@ -184,10 +184,25 @@ async fn anonymous_access_and_metrics_by_consumer() {
     let up = upstream::echo().await;
     let gw = gateway(&config(up.addr)).await;
 
-    let r = req(gw.url("/open"), &[]).await;
+    // The anonymous caller is passed upstream as the consumer `anonymous`
+    // (no configured consumer can have that id), whatever the client says.
+    let r = req(
+        gw.url("/open"),
+        &[
+            ("x-consumer-id", "app"),
+            ("x-consumer-groups", "mobile"),
+            ("x-consumer-plan", "pro"),
+        ],
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(seen(&r, "x-auth-method").as_deref(), Some("anonymous"));
-    assert_eq!(seen(&r, "x-consumer-id"), None);
+    assert_eq!(
+        r.json()["headers"]["x-consumer-id"],
+        serde_json::json!(["anonymous"])
+    );
+    assert_eq!(seen(&r, "x-consumer-groups"), None);
+    assert_eq!(seen(&r, "x-consumer-plan"), None);
     // A present credential still decides: a bad key is refused, not
     // downgraded to anonymous.
     let r = req(gw.url("/open"), &[("x-api-key", "bad")]).await;
@@ -229,6 +244,125 @@ async fn anonymous_access_and_metrics_by_consumer() {
     let missing = admin_get(gw.running.admin_addr(), "/consumers/nobody/usage", None).await;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.json()["error"]["code"], "route_not_found");
+}
+
+#[tokio::test]
+async fn custom_consumer_header_names_are_set_and_stripped() {
+    let up = upstream::echo().await;
+    let yaml = config(up.addr).replacen(
+        "consumers:\n",
+        "auth:\n  consumer_headers: {id: X-Client-Id, groups: x-client-groups, plan: x-client-plan, method: x-client-auth}\nconsumers:\n",
+        1,
+    );
+    let gw = gateway(&yaml).await;
+    let spoof = [
+        ("x-client-id", "admin"),
+        ("X-Client-Groups", "root"),
+        ("x-client-plan", "enterprise"),
+        ("x-client-auth", "mtls"),
+    ];
+    // A route without any auth policy: the client's copies are removed.
+    let r = req(gw.url("/public"), &spoof).await;
+    assert_eq!(r.status, 200);
+    for (name, _) in spoof {
+        assert_eq!(seen(&r, &name.to_ascii_lowercase()), None, "{name}");
+    }
+    // With a key: the gateway's values under the configured names, each
+    // once, and nothing under the default names.
+    let mut with_key = spoof.to_vec();
+    with_key.push(("x-api-key", KEY_APP));
+    let r = req(gw.url("/keyed"), &with_key).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-client-id"], serde_json::json!(["app"]));
+    assert_eq!(h["x-client-groups"], serde_json::json!(["mobile,internal"]));
+    assert_eq!(h["x-client-plan"], serde_json::json!(["pro"]));
+    assert_eq!(h["x-client-auth"], serde_json::json!(["api_key"]));
+    for name in [
+        "x-consumer-id",
+        "x-consumer-groups",
+        "x-consumer-plan",
+        "x-auth-method",
+    ] {
+        assert_eq!(seen(&r, name), None, "{name}");
+    }
+    // A consumer without a plan: the client's plan header is not left over.
+    let mut partner = spoof.to_vec();
+    partner.push(("x-api-key", KEY_PARTNER));
+    let r = req(gw.url("/keyed"), &partner).await;
+    assert_eq!(seen(&r, "x-client-id").as_deref(), Some("partner"));
+    assert_eq!(seen(&r, "x-client-plan"), None);
+    // Anonymous: the id `anonymous` under the configured name.
+    let r = req(gw.url("/open"), &spoof).await;
+    assert_eq!(r.status, 200);
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-client-id"], serde_json::json!(["anonymous"]));
+    assert_eq!(h["x-client-auth"], serde_json::json!(["anonymous"]));
+    assert_eq!(h["x-client-groups"], Value::Null);
+    assert_eq!(h["x-client-plan"], Value::Null);
+}
+
+#[test]
+fn consumer_header_names_are_checked() {
+    let errors = |auth: &str, route_auth: &str| {
+        let yaml = format!(
+            "listeners: [{{name: main, address: '127.0.0.1:0'}}]\nauth:\n  consumer_headers: {auth}\nconsumers:\n  - id: a\n    credentials: {{api_keys: [{{sha256: {}}}]}}\nroutes:\n  - name: r\n    policies:\n      - auth: {{methods: [{{api_key: {{}}}}]{route_auth}}}\n    action: {{respond: {{}}}}\n",
+            sha(KEY_APP)
+        );
+        let loaded = portico::config::parse_str("gw.yaml", &yaml, |_| None).unwrap();
+        match portico::snapshot::compile(&loaded, None) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    for (auth, route_auth, want) in [
+        (
+            "{id: 'bad name'}",
+            "",
+            "gw.yaml:3:",
+        ),
+        (
+            "{id: 'bad name'}",
+            "",
+            "auth.consumer_headers.id: `bad name` is not a valid header name",
+        ),
+        (
+            "{id: authorization}",
+            "",
+            "auth.consumer_headers.id: `authorization` is a header the gateway manages",
+        ),
+        (
+            "{groups: Host}",
+            "",
+            "auth.consumer_headers.groups: `Host` is a header the gateway manages",
+        ),
+        (
+            "{plan: X-Consumer-Id}",
+            "",
+            "auth.consumer_headers.plan: `X-Consumer-Id` is already the name of `auth.consumer_headers.id`",
+        ),
+        (
+            "{id: x-who}",
+            ", claims_to_headers: {sub: x-who}",
+            "routes[0].policies[0].auth.claims_to_headers.sub: `x-who` is one of `auth.consumer_headers`",
+        ),
+        (
+            "{}",
+            ", claims_to_headers: {sub: x-auth-method}",
+            "routes[0].policies[0].auth.claims_to_headers.sub: `x-auth-method` is one of `auth.consumer_headers`",
+        ),
+    ] {
+        let got = errors(auth, route_auth);
+        assert!(got.contains(want), "{auth} {route_auth}: want {want}\ngot {got}");
+    }
+    assert_eq!(
+        errors(
+            "{id: x-who, method: x-how}",
+            ", claims_to_headers: {sub: x-consumer-id}"
+        ),
+        "",
+        "the default names are free once renamed"
+    );
 }
 
 #[tokio::test]
@@ -323,6 +457,7 @@ consumers:
     credentials:
       api_keys: [{sha256: nothex}]
   - id: a
+  - id: anonymous
 routes:
   - name: r
     group: nope
@@ -339,12 +474,19 @@ routes:
         "gw.yaml:5:",
         "consumers[0].credentials.api_keys[0].sha256: must be 64 hex digits",
         "consumers[1].id: duplicate consumer id `a`",
+        "consumers[2].id: must be non-empty and not `anonymous`",
         "routes[0].group: no route group is named `nope`",
         "routes[0].policies[0].auth.methods[0].api_key.header: `bad header` is not a valid header name",
         "routes[0].policies[0].auth.methods[1]: a method names exactly one of",
     ] {
         assert!(errs.contains(want), "missing `{want}` in:\n{errs}");
     }
+    // `anonymous` is the id anonymous callers get: reserved, with its line.
+    let line = errs
+        .lines()
+        .find(|l| l.contains("consumers[2].id"))
+        .unwrap();
+    assert!(line.contains("gw.yaml:7:"), "{line}");
     // A plaintext key written in the file is refused; from the environment
     // it is accepted.
     let plain = "listeners: [{name: main, address: '127.0.0.1:0'}]\nconsumers:\n  - id: a\n    credentials:\n      api_keys: [{key: written-in-the-file-1234}]\nroutes: [{name: r, action: {respond: {}}}]\n";

@@ -1,7 +1,11 @@
-//! JWT authentication: every algorithm, JWKS from a live loopback server
-//! that rotates keys and goes down, the token sources, the cache, and one
-//! test per attack.
+//! JWT authentication: every algorithm, keys from PEM and JWKS files, JWKS
+//! from a live loopback server that rotates keys (picked up on an unknown
+//! `kid` and by the periodic refresh) and goes down, the token sources, the
+//! cache, and one test per attack. Scope, role and claim rules for JWT
+//! callers are in `access.rs`, several methods on one route in
+//! `auth_methods.rs`.
 
+use super::support::jwt::{keys, now, rs256, sign, ISS};
 use super::support::{client, eventually, metrics, upstream};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -12,104 +16,16 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use portico::auth::{Method, Reason};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-const ISS: &str = "https://id.test";
 const SECRET: &str = "a-test-hmac-secret-of-at-least-32-bytes";
 
-// ---------------------------------------------------------------- keys
-
-/// A key pair: how to sign, and the public JWK.
-struct Pair {
-    sign: EncodingKey,
-    jwk: Value,
-    pem: String,
-}
-
-fn rsa_pair(kid: &str) -> Pair {
-    use rsa::pkcs1::EncodeRsaPrivateKey;
-    use rsa::pkcs8::{EncodePublicKey, LineEnding};
-    use rsa::traits::PublicKeyParts;
-    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
-    let public = key.to_public_key();
-    Pair {
-        sign: EncodingKey::from_rsa_der(key.to_pkcs1_der().unwrap().as_bytes()),
-        jwk: json!({
-            "kty": "RSA", "kid": kid, "use": "sig",
-            "n": URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
-            "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
-        }),
-        pem: public.to_public_key_pem(LineEnding::LF).unwrap(),
-    }
-}
-
-fn rcgen_pair(alg: &'static rcgen::SignatureAlgorithm, kid: &str) -> Pair {
-    let kp = rcgen::KeyPair::generate_for(alg).unwrap();
-    let raw = kp.public_key_raw();
-    let jwk = if alg == &rcgen::PKCS_ED25519 {
-        json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": URL_SAFE_NO_PAD.encode(raw)})
-    } else {
-        let n = (raw.len() - 1) / 2;
-        let crv = if n == 32 { "P-256" } else { "P-384" };
-        json!({"kty": "EC", "crv": crv, "kid": kid,
-               "x": URL_SAFE_NO_PAD.encode(&raw[1..1 + n]),
-               "y": URL_SAFE_NO_PAD.encode(&raw[1 + n..])})
-    };
-    let der = kp.serialize_der();
-    Pair {
-        sign: if alg == &rcgen::PKCS_ED25519 {
-            EncodingKey::from_ed_der(&der)
-        } else {
-            EncodingKey::from_ec_der(&der)
-        },
-        jwk,
-        pem: kp.public_key_pem(),
-    }
-}
-
-struct Keys {
-    rsa: Pair,
-    rsa2: Pair,
-    attacker: Pair,
-    ec256: Pair,
-    ec384: Pair,
-    ed: Pair,
-}
-
-/// Generated once per test process (RSA generation is the slow part).
-fn keys() -> &'static Keys {
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    KEYS.get_or_init(|| Keys {
-        rsa: rsa_pair("rsa-1"),
-        rsa2: rsa_pair("rsa-2"),
-        attacker: rsa_pair("evil"),
-        ec256: rcgen_pair(&rcgen::PKCS_ECDSA_P256_SHA256, "ec256"),
-        ec384: rcgen_pair(&rcgen::PKCS_ECDSA_P384_SHA384, "ec384"),
-        ed: rcgen_pair(&rcgen::PKCS_ED25519, "ed"),
-    })
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+// ---------------------------------------------------------------- tokens
 
 fn claims() -> Value {
     json!({"iss": ISS, "aud": "api", "sub": "user-1", "exp": now() + 600,
            "iat": now(), "scope": "feed.read feed.write", "azp": "web"})
-}
-
-fn sign(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, claims: &Value) -> String {
-    let mut h = Header::new(alg);
-    h.kid = kid.map(String::from);
-    encode(&h, claims, key).unwrap()
-}
-
-fn rs256(kid: &str, claims: &Value) -> String {
-    sign(Algorithm::RS256, Some(kid), &keys().rsa.sign, claims)
 }
 
 fn b64(v: &Value) -> String {
@@ -618,6 +534,177 @@ async fn jwks_rotation_and_outage() {
         ) >= 2.0
     );
     assert_eq!(m.value("portico_jwt_keys", &[("issuer", "main")]), 1.0);
+}
+
+/// Whether the issuer's fetched key set holds a key with `kid`.
+fn fetched_kid(gw: &super::support::TestGateway, kid: &str) -> bool {
+    let snap = gw.running.shared.snapshot.load();
+    let issuer = snap.jwt_issuers.get("main").unwrap();
+    let keys = issuer.remote_keys().unwrap();
+    keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+}
+
+#[tokio::test]
+async fn periodic_refresh_picks_up_a_rotated_key_set() {
+    let k = keys();
+    let jwks = JwksServer::start(&[&k.rsa.jwk]).await;
+    let up = upstream::echo().await;
+    // `jwks_min_refresh: 1h`: an unknown `kid` cannot cause a fetch in this
+    // test (the start-up fetch was less than an hour ago), and no token
+    // with the new kid is sent before the new set is in force anyway. Only
+    // the periodic refresh (`jwks_refresh: 1s`, the minimum) can fetch.
+    let yaml =
+        jwks_config(up.addr, &jwks.url(), "1h").replace("jwks_refresh: 1h", "jwks_refresh: 1s");
+    let gw = gateway(&yaml).await;
+    assert!(eventually(Duration::from_secs(10), || fetched_kid(&gw, "rsa-1")).await);
+    let old = rs256("rsa-1", &claims());
+    assert_eq!(call(&gw, Some(&old)).await.status, 200);
+    assert_eq!(call(&gw, Some(&old)).await.status, 200, "cached");
+
+    // Rotation at the provider; the gateway is not asked anything.
+    jwks.serve(&[&k.rsa2.jwk]);
+    assert!(
+        eventually(Duration::from_secs(10), || fetched_kid(&gw, "rsa-2")
+            && !fetched_kid(&gw, "rsa-1"))
+        .await,
+        "the periodic refresh never brought the rotated set"
+    );
+    let new = sign(Algorithm::RS256, Some("rsa-2"), &k.rsa2.sign, &claims());
+    assert_eq!(call(&gw, Some(&new)).await.status, 200);
+    // The withdrawn key's cached token is refused at once.
+    assert_refused(&gw, &old, Reason::UnknownKid).await;
+    let m = metrics::scrape(gw.running.admin_addr(), None).await;
+    assert!(
+        m.value(
+            "portico_jwks_fetches_total",
+            &[("issuer", "main"), ("result", "ok")]
+        ) >= 2.0
+    );
+    assert_eq!(m.value("portico_jwt_keys", &[("issuer", "main")]), 1.0);
+
+    // The provider goes down: periodic fetches fail, the last good set
+    // stays in force.
+    jwks.down.store(true, Ordering::SeqCst);
+    let failed = || {
+        let snap = gw.running.shared.snapshot.load();
+        let issuer = snap.jwt_issuers.get("main").unwrap();
+        issuer.stats.failed.load(Ordering::Relaxed)
+    };
+    assert!(eventually(Duration::from_secs(10), || failed() >= 1).await);
+    let fresh = sign(Algorithm::RS256, Some("rsa-2"), &k.rsa2.sign, &{
+        let mut c = claims();
+        c["jti"] = json!("not cached");
+        c
+    });
+    assert_eq!(call(&gw, Some(&fresh)).await.status, 200);
+    assert!(fetched_kid(&gw, "rsa-2"));
+}
+
+/// The files of `key_files_verify_tokens`, written in `dir`.
+fn write_key_files(dir: &std::path::Path, jwks: &[&Value]) {
+    let k = keys();
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    std::fs::write(dir.join("keys/rsa-spki.pem"), &k.rsa.pem).unwrap();
+    std::fs::write(
+        dir.join("keys/rsa-pkcs1.pem"),
+        k.rsa2.pkcs1_pem.as_ref().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("keys/ec256-cert.pem"),
+        k.ec256.cert_pem.as_ref().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("keys/jwks.json"),
+        json!({ "keys": jwks }).to_string(),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn pem_file_and_jwks_file_keys_verify_tokens() {
+    let k = keys();
+    let up = upstream::echo().await;
+    let yaml = format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+upstreams:
+  - name: up
+    targets: [{{address: "{}"}}]
+auth:
+  jwt_issuers:
+    - name: main
+      issuer: {ISS}
+      algorithms: [RS256, ES256, ES384, EdDSA]
+      # Relative to the configuration file's directory.
+      keys:
+        - {{kid: rsa-1, pem_file: keys/rsa-spki.pem}}
+        - {{kid: rsa-2, pem_file: keys/rsa-pkcs1.pem}}
+        - {{kid: ec256, pem_file: keys/ec256-cert.pem}}
+      jwks_file: keys/jwks.json
+routes:
+  - name: api
+    policies:
+      - auth: {{methods: [{{jwt: {{issuers: [main]}}}}]}}
+    action: {{proxy: {{upstream: up}}}}
+"#,
+        up.addr
+    );
+    let path = super::support::temp_config("jwt", "key-files", &yaml);
+    let dir = path.parent().unwrap();
+    write_key_files(dir, &[&k.ec384.jwk, &k.ed.jwk]);
+    let gw = super::support::start_file(&path).await;
+    let ec384 = sign(Algorithm::ES384, Some("ec384"), &k.ec384.sign, &claims());
+    let ed = sign(Algorithm::EdDSA, Some("ed"), &k.ed.sign, &claims());
+    for (what, t) in [
+        ("pem_file, PUBLIC KEY", rs256("rsa-1", &claims())),
+        (
+            "pem_file, RSA PUBLIC KEY",
+            sign(Algorithm::RS256, Some("rsa-2"), &k.rsa2.sign, &claims()),
+        ),
+        (
+            "pem_file, CERTIFICATE",
+            sign(Algorithm::ES256, Some("ec256"), &k.ec256.sign, &claims()),
+        ),
+        ("jwks_file, EC P-384", ec384.clone()),
+        ("jwks_file, Ed25519", ed.clone()),
+    ] {
+        let r = call(&gw, Some(&t)).await;
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        assert_eq!(r.json()["headers"]["x-auth-method"][0], "jwt", "{what}");
+    }
+    // Each file's key verifies only its own signatures.
+    let forged = sign(Algorithm::RS256, Some("rsa-1"), &k.attacker.sign, &claims());
+    assert_refused(&gw, &forged, Reason::BadSignature).await;
+    let forged = sign(Algorithm::RS256, Some("rsa-2"), &k.rsa.sign, &claims());
+    assert_refused(&gw, &forged, Reason::BadSignature).await;
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let other = EncodingKey::from_ec_der(&other.serialize_der());
+    let forged = sign(Algorithm::ES384, Some("ec384"), &other, &claims());
+    assert_refused(&gw, &forged, Reason::BadSignature).await;
+
+    // The JWKS file is read again by a reload (of a changed configuration
+    // file: an unchanged one is a no-op): a key removed from it is no
+    // longer accepted, even for a token verified (and cached) before.
+    write_key_files(dir, &[&k.ec384.jwk]);
+    gw.running.shared.reload().expect("reload");
+    assert_eq!(call(&gw, Some(&ed)).await.status, 200, "unchanged file");
+    std::fs::write(&path, format!("{yaml}# keys rotated\n")).unwrap();
+    gw.running.shared.reload().expect("reload");
+    assert_refused(&gw, &ed, Reason::UnknownKid).await;
+    assert_eq!(call(&gw, Some(&ec384)).await.status, 200);
+
+    // A key file that cannot be used is a located configuration error.
+    std::fs::write(dir.join("keys/rsa-spki.pem"), "not a PEM").unwrap();
+    std::fs::write(&path, format!("{yaml}# bad key\n")).unwrap();
+    let e = gw.running.shared.reload().unwrap_err().to_string();
+    assert!(
+        e.contains("auth.jwt_issuers[0].keys[0].pem_file: not a PEM document"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]

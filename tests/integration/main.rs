@@ -26,6 +26,7 @@ mod access;
 mod access_log;
 mod aggregate;
 mod auth_keys;
+mod auth_methods;
 mod balancing;
 mod config_cli;
 mod cors_validation;

@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod h2;
 pub mod h2raw;
 pub mod introspection;
+pub mod jwt;
 pub mod live;
 pub mod metrics;
 pub mod redis;
