@@ -700,3 +700,287 @@ async fn auth_applies_to_aggregate_routes() {
     assert_eq!(r.json(), json!({"ok": true}));
     assert!(r.header("x-request-id").is_some());
 }
+
+// ------------------------------------------------------------ policies
+
+#[tokio::test]
+async fn rate_limits_apply_to_aggregate_routes() {
+    let hits = Hits::default();
+    let h = hits.clone();
+    let up = upstream::start(move |req: Request<Incoming>| {
+        let n = h.add(req.uri().path());
+        async move { json_resp(200, json!({ "n": n })) }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: limited
+    match: {path: /limited}
+    policies:
+      - rate_limit:
+          limits: [{name: screen, quota: 2, window: hour}]
+    action:
+      aggregate:
+        calls:
+          - {name: a, upstream: up, path: /a, group: a}
+          - {name: b, upstream: up, path: /b, group: b}
+"#;
+    let gw = gateway(&config(up.addr, dead, routes)).await;
+    for i in 0..2u64 {
+        let r = client::get(&gw.url("/limited")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!({"a": {"n": i + 1}, "b": {"n": i + 1}}));
+        assert_eq!(r.header("ratelimit-policy"), Some("\"screen\";q=2;w=3600"));
+        let state = r.header("ratelimit").unwrap();
+        assert!(
+            state.starts_with(&format!("\"screen\";r={};t=", 1 - i)),
+            "{state}"
+        );
+    }
+    let r = client::get(&gw.url("/limited")).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "rate_limited");
+    assert_eq!(e["status"], 429);
+    assert!(e["request_id"].is_string());
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&retry), "{retry}");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"screen\";q=2;w=3600"));
+    assert!(r
+        .header("ratelimit")
+        .unwrap()
+        .starts_with("\"screen\";r=0;t="));
+    assert!(r.header("x-request-id").is_some());
+    assert_eq!(
+        (hits.get("/a"), hits.get("/b")),
+        (2, 2),
+        "the refused request made no call"
+    );
+}
+
+// ------------------------------------------------------------ JWT claims
+
+const JWT_SECRET: &str = "an-aggregate-test-hmac-secret-of-32-bytes";
+
+/// A gateway whose configuration may use `${AGG_JWT_SECRET}`.
+async fn jwt_gateway(yaml: &str) -> super::support::TestGateway {
+    let loaded = portico::config::parse_str("test.yaml", yaml, |n| {
+        (n == "AGG_JWT_SECRET").then(|| JWT_SECRET.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let snap = portico::snapshot::compile(&loaded, None).unwrap_or_else(|e| panic!("{e}"));
+    super::support::TestGateway {
+        running: portico::server::start(snap, None).await.unwrap(),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Claims from a verified JWT, a path param and a previous call's field
+/// fill a chained GET and a POST whose body is a JSON template; the
+/// upstream receives the rendered JSON with its content type.
+#[tokio::test]
+async fn jwt_claims_path_params_and_previous_calls_fill_a_posted_body() {
+    let log = Log::default();
+    let bodies: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let (l, b) = (log.clone(), bodies.clone());
+    let up = upstream::start(move |req: Request<Incoming>| {
+        let (log, bodies) = (l.clone(), b.clone());
+        async move {
+            use http_body_util::BodyExt;
+            let (parts, body) = req.into_parts();
+            let h = |n: &str| {
+                parts
+                    .headers
+                    .get(n)
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default()
+            };
+            let pq = parts.uri.path_and_query().unwrap().as_str().to_string();
+            log.push(format!(
+                "{} {pq} ct={} org={}",
+                parts.method,
+                h("content-type"),
+                h("x-org")
+            ));
+            let body = body.collect().await.unwrap().to_bytes();
+            if parts.uri.path().starts_with("/accounts/") {
+                assert!(body.is_empty(), "a GET call sends no body");
+                return json_resp(200, json!({"account": {"id": "acc 9/x", "plan": "pro"}}));
+            }
+            let received: Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+            bodies.lock().unwrap().push(received.clone());
+            json_resp(201, json!({ "stored": received }))
+        }
+    })
+    .await;
+    let yaml = format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+auth:
+  jwt_issuers:
+    - name: id
+      issuer: https://id.test
+      audiences: [api]
+      algorithms: [HS256]
+      keys:
+        - {{kid: k1, secret: "${{AGG_JWT_SECRET}}"}}
+upstreams:
+  - name: up
+    targets: [{{address: '{}'}}]
+routes:
+  - name: feed
+    match: {{path: '/teams/{{team}}/feed', methods: [GET]}}
+    policies:
+      - auth: {{methods: [{{jwt: {{issuers: [id]}}}}]}}
+    action:
+      aggregate:
+        calls:
+          - name: me
+            upstream: up
+            path: '/accounts/{{claims.sub}}'
+            headers: {{x-org: '{{claims.org.id}}'}}
+            group: me
+          - name: post
+            upstream: up
+            method: POST
+            path: '/teams/{{path.team}}/feeds'
+            query: {{account: '{{calls.me.account.id}}'}}
+            body:
+              owner: '{{claims.sub}}'
+              account: '{{calls.me.account.id}}'
+              team: '{{path.team}}'
+              level: '{{claims.level}}'
+              tags: '{{claims.tags}}'
+              note: 'for {{claims.sub}} in {{path.team}}'
+              missing: '{{claims.nope}}'
+              fixed: [1, true]
+            group: feed
+"#,
+        up.addr
+    );
+    let gw = jwt_gateway(&yaml).await;
+    let claims = json!({
+        "iss": "https://id.test", "aud": "api", "sub": "user 7", "exp": unix_now() + 600,
+        "org": {"id": "o-1"}, "level": 3, "tags": ["a", "b"],
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("k1".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+
+    // No token: refused before any call.
+    let r = client::get(&gw.url("/teams/blue%20team/feed")).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(log.all().is_empty(), "{:?}", log.all());
+
+    let r = get(
+        gw.url("/teams/blue%20team/feed"),
+        &[("authorization", format!("Bearer {token}").as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expected_body = json!({
+        "owner": "user 7",
+        "account": "acc 9/x",
+        "team": "blue team",
+        "level": 3,
+        "tags": ["a", "b"],
+        "note": "for user 7 in blue team",
+        "missing": null,
+        "fixed": [1, true],
+    });
+    assert_eq!(*bodies.lock().unwrap(), vec![expected_body.clone()]);
+    assert_eq!(
+        log.all(),
+        [
+            "GET /accounts/user%207 ct= org=o-1",
+            "POST /teams/blue%20team/feeds?account=acc%209%2Fx ct=application/json org=",
+        ],
+        "the POST waited for `me`, values encoded for where they go"
+    );
+    assert_eq!(
+        r.json(),
+        json!({
+            "me": {"account": {"id": "acc 9/x", "plan": "pro"}},
+            "feed": {"stored": expected_body},
+        })
+    );
+}
+
+// ------------------------------------------------------------ limits
+
+#[tokio::test]
+async fn max_total_body_bounds_what_all_calls_read_together() {
+    // 67 and 60 bytes: each fits 100 bytes, both together do not.
+    let up = upstream::start(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/first" {
+            json_resp(200, json!({"id": 1, "pad": "x".repeat(50)}))
+        } else {
+            json_resp(200, json!({"pad": "y".repeat(50)}))
+        }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    // `second` waits for `first`, so it is the one that crosses the limit.
+    let route = |name: &str, total: &str, required: bool| {
+        format!(
+            r#"  - name: {name}
+    match: {{path: /{name}}}
+    action:
+      aggregate:
+        max_total_body: {total}
+        calls:
+          - {{name: first, upstream: up, path: /first, group: first}}
+          - {{name: second, upstream: up, path: '/second/{{calls.first.id}}', group: second, required: {required}}}
+"#
+        )
+    };
+    let routes = [
+        route("over", "100B", true),
+        route("optional", "100B", false),
+        route("within", "127B", true),
+    ]
+    .concat();
+    let gw = gateway(&config(up.addr, dead, &routes)).await;
+
+    let r = client::get(&gw.url("/over")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "upstream_protocol_error");
+    assert_eq!(e["details"]["call"], "second");
+    let reason = e["details"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("larger than 100 bytes (max_total_body)"),
+        "{reason}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("`second`"), "{e}");
+
+    let r = client::get(&gw.url("/optional")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("portico-partial"), Some("true"));
+    let v = r.json();
+    assert_eq!(v["first"]["id"], 1);
+    assert!(v.get("second").is_none(), "{v}");
+    assert_eq!(v["_errors"][0]["call"], "second");
+    assert!(v["_errors"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("max_total_body"));
+
+    // Exactly the sum of both bodies fits.
+    let r = client::get(&gw.url("/within")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["second"]["pad"], "y".repeat(50));
+}
