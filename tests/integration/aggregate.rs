@@ -984,3 +984,105 @@ async fn max_total_body_bounds_what_all_calls_read_together() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["second"]["pad"], "y".repeat(50));
 }
+
+// ------------------------------------------------------------ upstream protection
+
+async fn upstreams_view(admin: SocketAddr) -> Value {
+    super::support::metrics::admin_get(admin, "/upstreams", None)
+        .await
+        .json()
+}
+
+/// Aggregate calls take a slot of the upstream's adaptive concurrency
+/// limit, as proxied requests do (refused at once when it is full, the
+/// call not sent), hold it until their body is read, and give the limit
+/// their latency.
+#[tokio::test]
+async fn calls_pass_the_upstream_adaptive_concurrency_limit() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let up = upstream::start(move |_req: Request<Incoming>| {
+        let gate = g.clone();
+        async move {
+            // Bounded: a test that never opens the gate fails, not hangs.
+            let _ = tokio::time::timeout(Duration::from_secs(5), gate.acquire()).await;
+            json_resp(200, json!({"ok": true}))
+        }
+    })
+    .await;
+    let yaml = format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+admin:
+  address: 127.0.0.1:0
+upstreams:
+  - name: guarded
+    targets: [{{address: '{}'}}]
+    adaptive_concurrency: {{min_limit: 1, max_limit: 1, initial_limit: 1, window: 1ms, min_samples: 1}}
+routes:
+  - name: screen
+    match: {{path: /screen}}
+    action:
+      aggregate:
+        calls:
+          - {{name: held, upstream: guarded, path: /held}}
+"#,
+        up.addr
+    );
+    let gw = gateway(&yaml).await;
+    let admin = gw.running.admin_addr();
+    let limit = |v: &Value| v["upstreams"][0]["adaptive_concurrency"].clone();
+    assert_eq!(limit(&upstreams_view(admin).await)["latency_ms"], 0.0);
+
+    let url = gw.url("/screen");
+    let first = tokio::spawn(async move { client::get(&url).await });
+    assert!(eventually(Duration::from_secs(5), || up.hits() == 1).await);
+    let a = limit(&upstreams_view(admin).await);
+    assert_eq!(a["in_flight"], 1, "the call holds a slot: {a}");
+
+    // The limit is full: the second request's call is refused, not sent.
+    let r = client::get(&gw.url("/screen")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "overloaded");
+    assert_eq!(e["details"]["call"], "held");
+    assert!(e["message"].as_str().unwrap().contains("`held`"), "{e}");
+    assert_eq!(up.hits(), 1);
+    let a = limit(&upstreams_view(admin).await);
+    assert_eq!(a["rejected"], 1, "{a}");
+    let m = super::support::metrics::scrape_until(admin, None, |m| {
+        m.find(
+            "portico_requests_shed_total",
+            &[("route", "screen"), ("scope", "upstream")],
+        )
+        .is_some()
+    })
+    .await;
+    assert_eq!(
+        m.value(
+            "portico_requests_shed_total",
+            &[
+                ("route", "screen"),
+                ("scope", "upstream"),
+                ("reason", "rejected")
+            ]
+        ),
+        1.0
+    );
+
+    gate.add_permits(1);
+    let r = first.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"ok": true}));
+    // The slot was given back with the body; the call's latency reached
+    // the limit (its window closed on that sample).
+    let a = limit(&upstreams_view(admin).await);
+    assert_eq!(a["in_flight"], 0, "{a}");
+    assert!(a["latency_ms"].as_f64().unwrap() > 0.0, "{a}");
+    // With the slot back, the next call goes through.
+    gate.add_permits(1);
+    let r = client::get(&gw.url("/screen")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.hits(), 2);
+}
