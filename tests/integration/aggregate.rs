@@ -1086,3 +1086,97 @@ routes:
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.hits(), 2);
 }
+
+// ------------------------------------------------------------ configuration errors
+
+/// Every error of a configuration that does not compile, as printed.
+fn config_errors(file: &str, yaml: &str) -> Vec<String> {
+    let loaded = portico::config::parse_str(file, yaml, |_| None).unwrap_or_else(|e| panic!("{e}"));
+    match portico::snapshot::compile(&loaded, None) {
+        Ok(_) => panic!("compiled:\n{yaml}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const ERR_HEAD: &str = "listeners:
+  - name: main
+    address: 127.0.0.1:0
+upstreams:
+  - name: up
+    targets: [{address: '127.0.0.1:1'}]
+routes:
+";
+
+#[test]
+fn cycles_and_unknown_calls_are_located_in_block_yaml() {
+    // Line 16 is call `b`, line 33 the header of the second route's call.
+    let yaml = format!(
+        "{ERR_HEAD}  - name: cycle
+    match: {{path: /cycle}}
+    action:
+      aggregate:
+        calls:
+          - name: a
+            upstream: up
+            path: /a
+          - name: b
+            upstream: up
+            path: '/b/{{calls.c.id}}'
+          - name: c
+            upstream: up
+            path: /c
+            query:
+              x: '{{calls.b.x}}'
+  - name: unknown
+    match: {{path: /unknown}}
+    action:
+      aggregate:
+        calls:
+          - name: a
+            upstream: up
+            path: /a
+            headers:
+              x-y: '{{calls.zz.id}}'
+"
+    );
+    let errors = config_errors("portico.yaml", &yaml);
+    let expected = [
+        "portico.yaml:16:13: routes[0].action.aggregate.calls[1]: the calls depend on each other in a cycle: b → c → b",
+        "portico.yaml:33:15: routes[1].action.aggregate.calls[0].headers.x-y: `{calls.zz.id}`: no call is named `zz` (calls: a)",
+    ];
+    assert_eq!(errors, expected);
+    // The guide shows these very lines.
+    let guide =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/aggregation.md"))
+            .unwrap();
+    for line in expected {
+        assert!(guide.contains(line), "docs/aggregation.md lacks: {line}");
+    }
+}
+
+#[test]
+fn cycles_and_unknown_calls_are_located_in_flow_yaml() {
+    let yaml = format!(
+        "{ERR_HEAD}  - name: cycle
+    match: {{path: /cycle}}
+    action:
+      aggregate:
+        calls:
+          - {{name: a, upstream: up, path: '/a/{{calls.b.id}}'}}
+          - {{name: b, upstream: up, path: /b, headers: {{x-a: '{{calls.a.id}}'}}}}
+  - name: unknown
+    match: {{path: /unknown}}
+    action: {{aggregate: {{calls: [{{name: a, upstream: up, path: /a}}, {{name: b, upstream: up, path: '/b/{{calls.nope.x}}'}}]}}}}
+"
+    );
+    let errors = config_errors("flow.yaml", &yaml);
+    assert_eq!(
+        errors,
+        [
+            // The `{` of the first call on the cycle.
+            "flow.yaml:13:13: routes[0].action.aggregate.calls[0]: the calls depend on each other in a cycle: a → b → a",
+            // The key `path` of the second call.
+            "flow.yaml:17:93: routes[1].action.aggregate.calls[1].path: `{calls.nope.x}`: no call is named `nope` (calls: a, b)",
+        ]
+    );
+}
