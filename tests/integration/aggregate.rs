@@ -1,8 +1,11 @@
 //! The `aggregate` action through a real gateway: concurrent and chained
-//! calls, templates (path params, query, headers, consumers, previous
-//! responses), shaping, sparse fieldsets, partial answers, required-call
-//! failures, invalid JSON, single-flight, caching (TTL, `Cache-Control`,
-//! per-consumer keys) and auth on aggregate routes.
+//! calls, templates (path params, query, headers, consumers, JWT claims,
+//! previous responses; a POSTed JSON body), shaping, sparse fieldsets,
+//! partial answers, required-call failures, invalid JSON, `max_total_body`,
+//! single-flight, caching (TTL, `Cache-Control`, per-consumer keys), auth
+//! and rate limits on aggregate routes, the upstream's adaptive
+//! concurrency limit on calls, located configuration errors, and the
+//! guide's worked example as written.
 //!
 //! Test upstreams record events (`start /a`, `end /a`) so concurrency is
 //! asserted by order, never by wall time; every wait is bounded.
@@ -1179,4 +1182,168 @@ fn cycles_and_unknown_calls_are_located_in_flow_yaml() {
             "flow.yaml:17:93: routes[1].action.aggregate.calls[1].path: `{calls.nope.x}`: no call is named `nope` (calls: a, b)",
         ]
     );
+}
+
+// ------------------------------------------------------------ the guide
+
+/// The text between the first "```{lang}\n" after `after` and its end.
+fn block<'a>(doc: &'a str, after: &str, lang: &str) -> &'a str {
+    let from = doc
+        .find(after)
+        .unwrap_or_else(|| panic!("no `{after}` in the guide"));
+    doc[from..]
+        .split(&format!("```{lang}\n"))
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .unwrap_or_else(|| panic!("no ```{lang} block after `{after}`"))
+}
+
+/// The worked example of docs/aggregation.md as written there (its
+/// addresses and JWKS URL pointed at test servers): the services answer
+/// what the guide shows them answering, and the app gets what the guide
+/// says, for a real ES256 token.
+#[tokio::test]
+async fn the_guide_worked_example_answers_as_documented() {
+    let guide =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/aggregation.md"))
+            .unwrap();
+    let yaml = block(&guide, "## A worked example", "yaml");
+    // `GET PATH → JSON` entries, JSON continued on the following lines.
+    let mut answers: HashMap<String, Value> = HashMap::new();
+    let listing = block(&guide, "with these answers from the services", "");
+    for entry in listing.split("GET ").filter(|e| !e.trim().is_empty()) {
+        let (pq, json) = entry.split_once('→').expect("GET PATH → JSON");
+        let json: String = json.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+        let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        answers.insert(pq.trim().to_string(), v);
+    }
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    let expected: Value = serde_json::from_str(block(&guide, "the app receives", "json")).unwrap();
+
+    // The three services, sharing one handler: what the guide shows for a
+    // request it lists, 404 for any other.
+    let log = Log::default();
+    let slow_unread = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failing_profiles = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = Arc::new(answers);
+    let service = || {
+        let (log, answers) = (log.clone(), answers.clone());
+        let (slow, failing) = (slow_unread.clone(), failing_profiles.clone());
+        upstream::start(move |req: Request<Incoming>| {
+            let (log, answers) = (log.clone(), answers.clone());
+            let slow = slow.load(Ordering::SeqCst);
+            let failing = failing.load(Ordering::SeqCst);
+            async move {
+                let pq = path_and_query(&req);
+                let app = req
+                    .headers()
+                    .get("x-client-app")
+                    .map(|v| v.to_str().unwrap().to_string());
+                log.push(format!("{pq} app={app:?}"));
+                if pq.ends_with("/unread-count") && slow {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                if pq == "/users/42" && failing {
+                    return json_resp(500, json!({"error": "down"}));
+                }
+                match answers.get(&pq) {
+                    Some(v) => json_resp(200, v.clone()),
+                    None => json_resp(404, json!({"unknown": pq})),
+                }
+            }
+        })
+    };
+    let (profiles, posts, notifications) = (service().await, service().await, service().await);
+
+    // The identity provider's keys (ES256).
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = kp.public_key_raw();
+    let b64 = |b: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    };
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]})
+    .to_string();
+    let idp = upstream::start(move |_req: Request<Incoming>| {
+        let body = jwks.clone();
+        async move { upstream::response(200, body) }
+    })
+    .await;
+
+    let yaml = yaml
+        .replace("address: 127.0.0.1:8080", "address: 127.0.0.1:0")
+        .replace("127.0.0.1:9001", &profiles.addr.to_string())
+        .replace("127.0.0.1:9002", &posts.addr.to_string())
+        .replace("127.0.0.1:9003", &notifications.addr.to_string())
+        .replace(
+            "https://accounts.example.com/.well-known/jwks.json",
+            &format!("http://{}/jwks.json", idp.addr),
+        );
+    let gw = gateway(&yaml).await;
+    let url = |pq: &str| format!("http://{}{pq}", gw.running.addr("public"));
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".into());
+    let claims = json!({"iss": "https://accounts.example.com/", "aud": "social-api",
+        "sub": "42", "azp": "mobile-app", "exp": unix_now() + 600});
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(&kp.serialize_der()),
+    )
+    .unwrap();
+    let bearer = format!("Bearer {token}");
+    let screen = |pq: &'static str| {
+        let (u, bearer) = (url(pq), bearer.clone());
+        async move {
+            // Until the first JWKS fetch, an unknown key is `503`.
+            for _ in 0..100 {
+                let r = get(u.clone(), &[("authorization", bearer.as_str())]).await;
+                if r.status != 503 || r.json()["error"]["code"] != "auth_unavailable" {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the JWKS was never fetched");
+        }
+    };
+
+    // A slow notification service: still 200, with the fallback.
+    slow_unread.store(true, Ordering::SeqCst);
+    let r = screen("/screens/home").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("portico-partial"), Some("true"));
+    let mut partial = expected.clone();
+    partial["notifications"] = json!({"count": null});
+    partial["_errors"] =
+        json!([{"call": "unread", "reason": "timed out after 300ms", "fallback": true}]);
+    assert_eq!(r.json(), partial);
+
+    slow_unread.store(false, Ordering::SeqCst);
+    let r = screen("/screens/home").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("portico-partial"), None);
+    assert_eq!(r.json(), expected);
+    // `recent` waited for `me`; the user id is the token's subject.
+    let me = log.index("/users/42 app=Some(\"mobile-app\")");
+    let recent = log.index("/posts?author=42&limit=5 app=None");
+    assert!(me < recent);
+    log.index("/users/42/unread-count app=None");
+
+    let r = screen("/screens/home?fields=name,notifications.count").await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "Ada", "notifications": {"count": 3}})
+    );
+
+    failing_profiles.store(true, Ordering::SeqCst);
+    let r = screen("/screens/home").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["details"]["call"], "me");
+
+    // Without a token: refused, nothing called.
+    let calls = log.all().len();
+    let r = client::get(&url("/screens/home")).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(log.all().len(), calls);
 }
