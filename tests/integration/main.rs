@@ -24,6 +24,7 @@ mod smoke {
 
 mod access;
 mod access_log;
+mod admin_api;
 mod aggregate;
 mod auth_keys;
 mod balancing;
