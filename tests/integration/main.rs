@@ -39,6 +39,7 @@ mod jwt;
 mod lifecycle;
 mod limits;
 mod observability;
+mod pool;
 mod proxying;
 mod ratelimit;
 mod resilience;
