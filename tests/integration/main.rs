@@ -41,6 +41,7 @@ mod limits;
 mod observability;
 mod pool;
 mod proxying;
+mod quickstart;
 mod ratelimit;
 mod resilience;
 mod routing;
