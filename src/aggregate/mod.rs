@@ -8,10 +8,12 @@
 //! latency is the critical path of the dependency graph (checked for
 //! unknown names and cycles at load, [`compile`]). Each call goes through
 //! [`ProxyAction::send`] — the proxy's balancer, pools, health, retries and
-//! timeouts — optionally behind single-flight and a cache ([`share`]), and
+//! timeouts, and the upstream's circuit breaker and adaptive concurrency
+//! limit — optionally behind single-flight and a cache ([`share`]), and
 //! its body is read up to the call's and the action's limits and parsed.
 //! A settled call is shaped ([`shape`]); a failed required call ends the
-//! request (502, 504 on timeout; calls still running are dropped), a failed
+//! request (502, 504 on timeout, 503 when the upstream's protections
+//! refused it; calls still running are dropped), a failed
 //! optional one leaves its fallback (if any) and an entry in `_errors`.
 
 pub mod compile;
@@ -263,6 +265,9 @@ impl AggregateAction {
                 ErrorKind::UpstreamUnreachable | ErrorKind::NoHealthyTarget => {
                     ErrorKind::UpstreamUnreachable
                 }
+                // The upstream's protections refused the call (it was not
+                // sent): the same answer as a proxied request would get.
+                ErrorKind::Overloaded | ErrorKind::CircuitOpen => f.kind,
                 _ => ErrorKind::UpstreamProtocol,
             };
             return Err(GatewayError::new(

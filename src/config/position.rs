@@ -67,16 +67,32 @@ impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         // A scalar in key position of a mapping names the next entry.
         if let Event::Scalar(ref s, ..) = ev {
-            if let Some(Frame::Map { key, want_key }) = self.stack.last_mut() {
-                if *want_key {
+            let first_key = match self.stack.last() {
+                Some(Frame::Map {
+                    key,
+                    want_key: true,
+                }) => Some(key.is_none()),
+                _ => None,
+            };
+            if let Some(first) = first_key {
+                let at = (mark.line(), mark.col() + 1);
+                // A block mapping's start is marked at its first `:`, after
+                // its first key: an item of a sequence starts at that key
+                // (a flow mapping's `{` is earlier and stays).
+                let n = self.stack.len();
+                if first && n >= 2 && matches!(self.stack[n - 2], Frame::Seq { .. }) {
+                    let item = self.path();
+                    if let Some(pos) = self.out.get_mut(&item) {
+                        *pos = (*pos).min(at);
+                    }
+                }
+                if let Some(Frame::Map { key, want_key }) = self.stack.last_mut() {
                     *key = Some(s.clone());
                     *want_key = false;
-                    let path = self.path();
-                    self.out
-                        .entry(path)
-                        .or_insert((mark.line(), mark.col() + 1));
-                    return;
                 }
+                let path = self.path();
+                self.out.entry(path).or_insert(at);
+                return;
             }
         }
         match ev {
@@ -157,5 +173,17 @@ mod tests {
         assert_eq!(p.find("routes[1].match.path").map(|p| p.0), Some(7));
         // Unknown leaf: falls back to the nearest ancestor.
         assert_eq!(p.find("routes[1].match.nope").map(|p| p.0), Some(7));
+    }
+
+    #[test]
+    fn sequence_items_start_at_their_first_character() {
+        let src = "calls:\n  - name: a\n    path: /a\n  - {name: b, path: /b}\n  -   x: 1\n";
+        let p = Positions::index(src);
+        // A block mapping item: its first key, not its first `:`.
+        assert_eq!(p.find("calls[0]"), Some((2, 5)));
+        // A flow mapping item: its `{`.
+        assert_eq!(p.find("calls[1]"), Some((4, 5)));
+        assert_eq!(p.find("calls[1].path"), Some((4, 15)));
+        assert_eq!(p.find("calls[2]"), Some((5, 7)));
     }
 }

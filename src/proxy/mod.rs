@@ -209,24 +209,9 @@ impl ProxyAction {
     ) -> Result<Response<Body>, GatewayError> {
         // Upstream protection first: an open circuit or a full adaptive
         // limit answers at once, before any work on the request.
-        let up = &*self.upstream;
-        let ticket = match &up.breaker {
-            Some(b) => Some(
-                b.admit(crate::clock::now_ms())
-                    .map_err(|ms| circuit_open(&up.name, ms))?,
-            ),
-            None => None,
-        };
-        if let Some(a) = &up.adaptive {
-            match a.try_acquire(ctx.priority_share) {
-                Some(p) => ctx.upstream_slot = Some(p),
-                None => {
-                    use crate::shed::{limiter::Shed, Scope};
-                    self.metrics
-                        .shed(ctx.priority, Scope::Upstream, Shed::Rejected);
-                    return Err(crate::shed::overloaded(Scope::Upstream, Shed::Rejected, 1));
-                }
-            }
+        let (ticket, slot) = self.admit(ctx)?;
+        if slot.is_some() {
+            ctx.upstream_slot = slot;
         }
         let (mut parts, body) = req.into_parts();
         let protocol = self.upstream.spec.protocol;
@@ -314,12 +299,7 @@ impl ProxyAction {
         let deadline = limit.map(|d| tokio::time::Instant::now() + d);
         let trace = ctx.trace.as_ref();
         let last = &mut ctx.upstream;
-        // (Milliseconds: a timeout's latency; answers use the attempt's.)
-        let started_ms = if up.adaptive.is_some() {
-            crate::clock::now_ms()
-        } else {
-            0
-        };
+        let started_ms = self.started_ms();
         let exchange = self.exchange(out, body, done, key, replayable, upgrade, last, trace);
         let result = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
@@ -337,6 +317,55 @@ impl ProxyAction {
         }
         let (resp, lease) = result?;
         Ok(self.respond(resp, lease, upgrade, (client_upgrade, keep), deadline))
+    }
+
+    /// The upstream's protections, before anything is sent: the circuit
+    /// breaker's admission (open: `503 circuit_open`) and a slot of the
+    /// adaptive concurrency limit (full: `503 overloaded`, counted in the
+    /// route's series). The slot must live as long as the exchange and its
+    /// response body.
+    fn admit(
+        &self,
+        ctx: &Ctx,
+    ) -> Result<
+        (
+            Option<crate::upstream::breaker::Ticket<'_>>,
+            Option<crate::upstream::adaptive::Permit>,
+        ),
+        GatewayError,
+    > {
+        let up = &*self.upstream;
+        let ticket = match &up.breaker {
+            Some(b) => Some(
+                b.admit(crate::clock::now_ms())
+                    .map_err(|ms| circuit_open(&up.name, ms))?,
+            ),
+            None => None,
+        };
+        let slot = match &up.adaptive {
+            Some(a) => match a.try_acquire(ctx.priority_share) {
+                Some(p) => Some(p),
+                None => {
+                    use crate::shed::{limiter::Shed, Scope};
+                    self.metrics
+                        .shed(ctx.priority, Scope::Upstream, Shed::Rejected);
+                    return Err(crate::shed::overloaded(Scope::Upstream, Shed::Rejected, 1));
+                }
+            },
+            None => None,
+        };
+        Ok((ticket, slot))
+    }
+
+    /// When the exchange starts, in milliseconds, for the adaptive limit's
+    /// latency sample of a timeout (answers use the attempt's own time);
+    /// 0 without an adaptive limit.
+    fn started_ms(&self) -> u64 {
+        if self.upstream.adaptive.is_some() {
+            crate::clock::now_ms().max(1)
+        } else {
+            0
+        }
     }
 
     /// Reports the exchange's result to the circuit breaker and its latency
@@ -380,11 +409,13 @@ impl ProxyAction {
     }
 
     /// Sends a request the gateway built itself (an `aggregate` call)
-    /// through the same machinery as a proxied one: balancer, pools,
-    /// health, retries (it has no client body, so a GET is replayable),
-    /// timeouts, tracing and target metrics. The forwarded headers and
-    /// `x-request-id` are set from the client's request; `last` gets the
-    /// last attempt.
+    /// through the same machinery as a proxied one: the upstream's circuit
+    /// breaker and adaptive concurrency limit, balancer, pools, health,
+    /// retries (it has no client body, so a GET is replayable), timeouts,
+    /// tracing and target metrics. The forwarded headers and `x-request-id`
+    /// are set from the client's request; `last` gets the last attempt.
+    /// The adaptive limit's slot travels with the response body, released
+    /// when the body ends or is dropped.
     pub async fn send(
         &self,
         parts: http::request::Parts,
@@ -392,16 +423,9 @@ impl ProxyAction {
         ctx: &Ctx,
         last: &mut Option<Attempt>,
     ) -> Result<Response<Body>, GatewayError> {
-        // The upstream's circuit breaker applies to calls as to proxied
-        // requests: an open circuit fails the call at once.
-        let up = &*self.upstream;
-        let ticket = match &up.breaker {
-            Some(b) => Some(
-                b.admit(crate::clock::now_ms())
-                    .map_err(|ms| circuit_open(&up.name, ms))?,
-            ),
-            None => None,
-        };
+        // Protections as for a proxied request: an open circuit or a full
+        // adaptive limit fails the call at once, before it is sent.
+        let (ticket, slot) = self.admit(ctx)?;
         let key = self.upstream.hash_of(&parts, ctx.client_ip);
         let mut headers = parts.headers;
         headers.reserve(6);
@@ -425,6 +449,7 @@ impl ProxyAction {
             .timeouts
             .request
             .map(|d| tokio::time::Instant::now() + d);
+        let started_ms = self.started_ms();
         let exchange = self.exchange(
             out,
             body,
@@ -446,11 +471,20 @@ impl ProxyAction {
                 }),
             None => exchange.await,
         };
-        if ticket.is_some() {
-            self.protect(&result, ticket, 0, *last);
+        if ticket.is_some() || started_ms > 0 {
+            self.protect(&result, ticket, started_ms, *last);
         }
         let (resp, lease) = result?;
-        Ok(self.respond(resp, lease, false, (None, None), deadline))
+        let resp = self.respond(resp, lease, false, (None, None), deadline);
+        Ok(match slot {
+            Some(p) => resp.map(|body| {
+                Body::Held(Box::new(crate::body::Held {
+                    body,
+                    keep: Some(crate::body::Keep(Arc::new(p))),
+                }))
+            }),
+            None => resp,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -1,8 +1,11 @@
 //! The `aggregate` action through a real gateway: concurrent and chained
-//! calls, templates (path params, query, headers, consumers, previous
-//! responses), shaping, sparse fieldsets, partial answers, required-call
-//! failures, invalid JSON, single-flight, caching (TTL, `Cache-Control`,
-//! per-consumer keys) and auth on aggregate routes.
+//! calls, templates (path params, query, headers, consumers, JWT claims,
+//! previous responses; a POSTed JSON body), shaping, sparse fieldsets,
+//! partial answers, required-call failures, invalid JSON, `max_total_body`,
+//! single-flight, caching (TTL, `Cache-Control`, per-consumer keys), auth
+//! and rate limits on aggregate routes, the upstream's adaptive
+//! concurrency limit on calls, located configuration errors, and the
+//! guide's worked example as written.
 //!
 //! Test upstreams record events (`start /a`, `end /a`) so concurrency is
 //! asserted by order, never by wall time; every wait is bounded.
@@ -699,4 +702,648 @@ async fn auth_applies_to_aggregate_routes() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json(), json!({"ok": true}));
     assert!(r.header("x-request-id").is_some());
+}
+
+// ------------------------------------------------------------ policies
+
+#[tokio::test]
+async fn rate_limits_apply_to_aggregate_routes() {
+    let hits = Hits::default();
+    let h = hits.clone();
+    let up = upstream::start(move |req: Request<Incoming>| {
+        let n = h.add(req.uri().path());
+        async move { json_resp(200, json!({ "n": n })) }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: limited
+    match: {path: /limited}
+    policies:
+      - rate_limit:
+          limits: [{name: screen, quota: 2, window: hour}]
+    action:
+      aggregate:
+        calls:
+          - {name: a, upstream: up, path: /a, group: a}
+          - {name: b, upstream: up, path: /b, group: b}
+"#;
+    let gw = gateway(&config(up.addr, dead, routes)).await;
+    for i in 0..2u64 {
+        let r = client::get(&gw.url("/limited")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json(), json!({"a": {"n": i + 1}, "b": {"n": i + 1}}));
+        assert_eq!(r.header("ratelimit-policy"), Some("\"screen\";q=2;w=3600"));
+        let state = r.header("ratelimit").unwrap();
+        assert!(
+            state.starts_with(&format!("\"screen\";r={};t=", 1 - i)),
+            "{state}"
+        );
+    }
+    let r = client::get(&gw.url("/limited")).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "rate_limited");
+    assert_eq!(e["status"], 429);
+    assert!(e["request_id"].is_string());
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&retry), "{retry}");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"screen\";q=2;w=3600"));
+    assert!(r
+        .header("ratelimit")
+        .unwrap()
+        .starts_with("\"screen\";r=0;t="));
+    assert!(r.header("x-request-id").is_some());
+    assert_eq!(
+        (hits.get("/a"), hits.get("/b")),
+        (2, 2),
+        "the refused request made no call"
+    );
+}
+
+// ------------------------------------------------------------ JWT claims
+
+const JWT_SECRET: &str = "an-aggregate-test-hmac-secret-of-32-bytes";
+
+/// A gateway whose configuration may use `${AGG_JWT_SECRET}`.
+async fn jwt_gateway(yaml: &str) -> super::support::TestGateway {
+    let loaded = portico::config::parse_str("test.yaml", yaml, |n| {
+        (n == "AGG_JWT_SECRET").then(|| JWT_SECRET.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let snap = portico::snapshot::compile(&loaded, None).unwrap_or_else(|e| panic!("{e}"));
+    super::support::TestGateway {
+        running: portico::server::start(snap, None).await.unwrap(),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Claims from a verified JWT, a path param and a previous call's field
+/// fill a chained GET and a POST whose body is a JSON template; the
+/// upstream receives the rendered JSON with its content type.
+#[tokio::test]
+async fn jwt_claims_path_params_and_previous_calls_fill_a_posted_body() {
+    let log = Log::default();
+    let bodies: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let (l, b) = (log.clone(), bodies.clone());
+    let up = upstream::start(move |req: Request<Incoming>| {
+        let (log, bodies) = (l.clone(), b.clone());
+        async move {
+            use http_body_util::BodyExt;
+            let (parts, body) = req.into_parts();
+            let h = |n: &str| {
+                parts
+                    .headers
+                    .get(n)
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default()
+            };
+            let pq = parts.uri.path_and_query().unwrap().as_str().to_string();
+            log.push(format!(
+                "{} {pq} ct={} org={}",
+                parts.method,
+                h("content-type"),
+                h("x-org")
+            ));
+            let body = body.collect().await.unwrap().to_bytes();
+            if parts.uri.path().starts_with("/accounts/") {
+                assert!(body.is_empty(), "a GET call sends no body");
+                return json_resp(200, json!({"account": {"id": "acc 9/x", "plan": "pro"}}));
+            }
+            let received: Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+            bodies.lock().unwrap().push(received.clone());
+            json_resp(201, json!({ "stored": received }))
+        }
+    })
+    .await;
+    let yaml = format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+auth:
+  jwt_issuers:
+    - name: id
+      issuer: https://id.test
+      audiences: [api]
+      algorithms: [HS256]
+      keys:
+        - {{kid: k1, secret: "${{AGG_JWT_SECRET}}"}}
+upstreams:
+  - name: up
+    targets: [{{address: '{}'}}]
+routes:
+  - name: feed
+    match: {{path: '/teams/{{team}}/feed', methods: [GET]}}
+    policies:
+      - auth: {{methods: [{{jwt: {{issuers: [id]}}}}]}}
+    action:
+      aggregate:
+        calls:
+          - name: me
+            upstream: up
+            path: '/accounts/{{claims.sub}}'
+            headers: {{x-org: '{{claims.org.id}}'}}
+            group: me
+          - name: post
+            upstream: up
+            method: POST
+            path: '/teams/{{path.team}}/feeds'
+            query: {{account: '{{calls.me.account.id}}'}}
+            body:
+              owner: '{{claims.sub}}'
+              account: '{{calls.me.account.id}}'
+              team: '{{path.team}}'
+              level: '{{claims.level}}'
+              tags: '{{claims.tags}}'
+              note: 'for {{claims.sub}} in {{path.team}}'
+              missing: '{{claims.nope}}'
+              fixed: [1, true]
+            group: feed
+"#,
+        up.addr
+    );
+    let gw = jwt_gateway(&yaml).await;
+    let claims = json!({
+        "iss": "https://id.test", "aud": "api", "sub": "user 7", "exp": unix_now() + 600,
+        "org": {"id": "o-1"}, "level": 3, "tags": ["a", "b"],
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("k1".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+
+    // No token: refused before any call.
+    let r = client::get(&gw.url("/teams/blue%20team/feed")).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(log.all().is_empty(), "{:?}", log.all());
+
+    let r = get(
+        gw.url("/teams/blue%20team/feed"),
+        &[("authorization", format!("Bearer {token}").as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expected_body = json!({
+        "owner": "user 7",
+        "account": "acc 9/x",
+        "team": "blue team",
+        "level": 3,
+        "tags": ["a", "b"],
+        "note": "for user 7 in blue team",
+        "missing": null,
+        "fixed": [1, true],
+    });
+    assert_eq!(*bodies.lock().unwrap(), vec![expected_body.clone()]);
+    assert_eq!(
+        log.all(),
+        [
+            "GET /accounts/user%207 ct= org=o-1",
+            "POST /teams/blue%20team/feeds?account=acc%209%2Fx ct=application/json org=",
+        ],
+        "the POST waited for `me`, values encoded for where they go"
+    );
+    assert_eq!(
+        r.json(),
+        json!({
+            "me": {"account": {"id": "acc 9/x", "plan": "pro"}},
+            "feed": {"stored": expected_body},
+        })
+    );
+}
+
+// ------------------------------------------------------------ limits
+
+#[tokio::test]
+async fn max_total_body_bounds_what_all_calls_read_together() {
+    // 67 and 60 bytes: each fits 100 bytes, both together do not.
+    let up = upstream::start(|req: Request<Incoming>| async move {
+        if req.uri().path() == "/first" {
+            json_resp(200, json!({"id": 1, "pad": "x".repeat(50)}))
+        } else {
+            json_resp(200, json!({"pad": "y".repeat(50)}))
+        }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    // `second` waits for `first`, so it is the one that crosses the limit.
+    let route = |name: &str, total: &str, required: bool| {
+        format!(
+            r#"  - name: {name}
+    match: {{path: /{name}}}
+    action:
+      aggregate:
+        max_total_body: {total}
+        calls:
+          - {{name: first, upstream: up, path: /first, group: first}}
+          - {{name: second, upstream: up, path: '/second/{{calls.first.id}}', group: second, required: {required}}}
+"#
+        )
+    };
+    let routes = [
+        route("over", "100B", true),
+        route("optional", "100B", false),
+        route("within", "127B", true),
+    ]
+    .concat();
+    let gw = gateway(&config(up.addr, dead, &routes)).await;
+
+    let r = client::get(&gw.url("/over")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "upstream_protocol_error");
+    assert_eq!(e["details"]["call"], "second");
+    let reason = e["details"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("larger than 100 bytes (max_total_body)"),
+        "{reason}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("`second`"), "{e}");
+
+    let r = client::get(&gw.url("/optional")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("portico-partial"), Some("true"));
+    let v = r.json();
+    assert_eq!(v["first"]["id"], 1);
+    assert!(v.get("second").is_none(), "{v}");
+    assert_eq!(v["_errors"][0]["call"], "second");
+    assert!(v["_errors"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("max_total_body"));
+
+    // Exactly the sum of both bodies fits.
+    let r = client::get(&gw.url("/within")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["second"]["pad"], "y".repeat(50));
+}
+
+// ------------------------------------------------------------ upstream protection
+
+async fn upstreams_view(admin: SocketAddr) -> Value {
+    super::support::metrics::admin_get(admin, "/upstreams", None)
+        .await
+        .json()
+}
+
+/// Aggregate calls take a slot of the upstream's adaptive concurrency
+/// limit, as proxied requests do (refused at once when it is full, the
+/// call not sent), hold it until their body is read, and give the limit
+/// their latency.
+#[tokio::test]
+async fn calls_pass_the_upstream_adaptive_concurrency_limit() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let up = upstream::start(move |_req: Request<Incoming>| {
+        let gate = g.clone();
+        async move {
+            // Bounded: a test that never opens the gate fails, not hangs.
+            let _ = tokio::time::timeout(Duration::from_secs(5), gate.acquire()).await;
+            json_resp(200, json!({"ok": true}))
+        }
+    })
+    .await;
+    let yaml = format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+admin:
+  address: 127.0.0.1:0
+upstreams:
+  - name: guarded
+    targets: [{{address: '{}'}}]
+    adaptive_concurrency: {{min_limit: 1, max_limit: 1, initial_limit: 1, window: 1ms, min_samples: 1}}
+routes:
+  - name: screen
+    match: {{path: /screen}}
+    action:
+      aggregate:
+        calls:
+          - {{name: held, upstream: guarded, path: /held}}
+"#,
+        up.addr
+    );
+    let gw = gateway(&yaml).await;
+    let admin = gw.running.admin_addr();
+    let limit = |v: &Value| v["upstreams"][0]["adaptive_concurrency"].clone();
+    assert_eq!(limit(&upstreams_view(admin).await)["latency_ms"], 0.0);
+
+    let url = gw.url("/screen");
+    let first = tokio::spawn(async move { client::get(&url).await });
+    assert!(eventually(Duration::from_secs(5), || up.hits() == 1).await);
+    let a = limit(&upstreams_view(admin).await);
+    assert_eq!(a["in_flight"], 1, "the call holds a slot: {a}");
+
+    // The limit is full: the second request's call is refused, not sent.
+    let r = client::get(&gw.url("/screen")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "overloaded");
+    assert_eq!(e["details"]["call"], "held");
+    assert!(e["message"].as_str().unwrap().contains("`held`"), "{e}");
+    assert_eq!(up.hits(), 1);
+    let a = limit(&upstreams_view(admin).await);
+    assert_eq!(a["rejected"], 1, "{a}");
+    let m = super::support::metrics::scrape_until(admin, None, |m| {
+        m.find(
+            "portico_requests_shed_total",
+            &[("route", "screen"), ("scope", "upstream")],
+        )
+        .is_some()
+    })
+    .await;
+    assert_eq!(
+        m.value(
+            "portico_requests_shed_total",
+            &[
+                ("route", "screen"),
+                ("scope", "upstream"),
+                ("reason", "rejected")
+            ]
+        ),
+        1.0
+    );
+
+    gate.add_permits(1);
+    let r = first.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"ok": true}));
+    // The slot was given back with the body; the call's latency reached
+    // the limit (its window closed on that sample).
+    let a = limit(&upstreams_view(admin).await);
+    assert_eq!(a["in_flight"], 0, "{a}");
+    assert!(a["latency_ms"].as_f64().unwrap() > 0.0, "{a}");
+    // With the slot back, the next call goes through.
+    gate.add_permits(1);
+    let r = client::get(&gw.url("/screen")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.hits(), 2);
+}
+
+// ------------------------------------------------------------ configuration errors
+
+/// Every error of a configuration that does not compile, as printed.
+fn config_errors(file: &str, yaml: &str) -> Vec<String> {
+    let loaded = portico::config::parse_str(file, yaml, |_| None).unwrap_or_else(|e| panic!("{e}"));
+    match portico::snapshot::compile(&loaded, None) {
+        Ok(_) => panic!("compiled:\n{yaml}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const ERR_HEAD: &str = "listeners:
+  - name: main
+    address: 127.0.0.1:0
+upstreams:
+  - name: up
+    targets: [{address: '127.0.0.1:1'}]
+routes:
+";
+
+#[test]
+fn cycles_and_unknown_calls_are_located_in_block_yaml() {
+    // Line 16 is call `b`, line 33 the header of the second route's call.
+    let yaml = format!(
+        "{ERR_HEAD}  - name: cycle
+    match: {{path: /cycle}}
+    action:
+      aggregate:
+        calls:
+          - name: a
+            upstream: up
+            path: /a
+          - name: b
+            upstream: up
+            path: '/b/{{calls.c.id}}'
+          - name: c
+            upstream: up
+            path: /c
+            query:
+              x: '{{calls.b.x}}'
+  - name: unknown
+    match: {{path: /unknown}}
+    action:
+      aggregate:
+        calls:
+          - name: a
+            upstream: up
+            path: /a
+            headers:
+              x-y: '{{calls.zz.id}}'
+"
+    );
+    let errors = config_errors("portico.yaml", &yaml);
+    let expected = [
+        "portico.yaml:16:13: routes[0].action.aggregate.calls[1]: the calls depend on each other in a cycle: b → c → b",
+        "portico.yaml:33:15: routes[1].action.aggregate.calls[0].headers.x-y: `{calls.zz.id}`: no call is named `zz` (calls: a)",
+    ];
+    assert_eq!(errors, expected);
+    // The guide shows these very lines.
+    let guide =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/aggregation.md"))
+            .unwrap();
+    for line in expected {
+        assert!(guide.contains(line), "docs/aggregation.md lacks: {line}");
+    }
+}
+
+#[test]
+fn cycles_and_unknown_calls_are_located_in_flow_yaml() {
+    let yaml = format!(
+        "{ERR_HEAD}  - name: cycle
+    match: {{path: /cycle}}
+    action:
+      aggregate:
+        calls:
+          - {{name: a, upstream: up, path: '/a/{{calls.b.id}}'}}
+          - {{name: b, upstream: up, path: /b, headers: {{x-a: '{{calls.a.id}}'}}}}
+  - name: unknown
+    match: {{path: /unknown}}
+    action: {{aggregate: {{calls: [{{name: a, upstream: up, path: /a}}, {{name: b, upstream: up, path: '/b/{{calls.nope.x}}'}}]}}}}
+"
+    );
+    let errors = config_errors("flow.yaml", &yaml);
+    assert_eq!(
+        errors,
+        [
+            // The `{` of the first call on the cycle.
+            "flow.yaml:13:13: routes[0].action.aggregate.calls[0]: the calls depend on each other in a cycle: a → b → a",
+            // The key `path` of the second call.
+            "flow.yaml:17:93: routes[1].action.aggregate.calls[1].path: `{calls.nope.x}`: no call is named `nope` (calls: a, b)",
+        ]
+    );
+}
+
+// ------------------------------------------------------------ the guide
+
+/// The text between the first "```{lang}\n" after `after` and its end.
+fn block<'a>(doc: &'a str, after: &str, lang: &str) -> &'a str {
+    let from = doc
+        .find(after)
+        .unwrap_or_else(|| panic!("no `{after}` in the guide"));
+    doc[from..]
+        .split(&format!("```{lang}\n"))
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .unwrap_or_else(|| panic!("no ```{lang} block after `{after}`"))
+}
+
+/// The worked example of docs/aggregation.md as written there (its
+/// addresses and JWKS URL pointed at test servers): the services answer
+/// what the guide shows them answering, and the app gets what the guide
+/// says, for a real ES256 token.
+#[tokio::test]
+async fn the_guide_worked_example_answers_as_documented() {
+    let guide =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/aggregation.md"))
+            .unwrap();
+    let yaml = block(&guide, "## A worked example", "yaml");
+    // `GET PATH → JSON` entries, JSON continued on the following lines.
+    let mut answers: HashMap<String, Value> = HashMap::new();
+    let listing = block(&guide, "with these answers from the services", "");
+    for entry in listing.split("GET ").filter(|e| !e.trim().is_empty()) {
+        let (pq, json) = entry.split_once('→').expect("GET PATH → JSON");
+        let json: String = json.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+        let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        answers.insert(pq.trim().to_string(), v);
+    }
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    let expected: Value = serde_json::from_str(block(&guide, "the app receives", "json")).unwrap();
+
+    // The three services, sharing one handler: what the guide shows for a
+    // request it lists, 404 for any other.
+    let log = Log::default();
+    let slow_unread = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failing_profiles = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = Arc::new(answers);
+    let service = || {
+        let (log, answers) = (log.clone(), answers.clone());
+        let (slow, failing) = (slow_unread.clone(), failing_profiles.clone());
+        upstream::start(move |req: Request<Incoming>| {
+            let (log, answers) = (log.clone(), answers.clone());
+            let slow = slow.load(Ordering::SeqCst);
+            let failing = failing.load(Ordering::SeqCst);
+            async move {
+                let pq = path_and_query(&req);
+                let app = req
+                    .headers()
+                    .get("x-client-app")
+                    .map(|v| v.to_str().unwrap().to_string());
+                log.push(format!("{pq} app={app:?}"));
+                if pq.ends_with("/unread-count") && slow {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                if pq == "/users/42" && failing {
+                    return json_resp(500, json!({"error": "down"}));
+                }
+                match answers.get(&pq) {
+                    Some(v) => json_resp(200, v.clone()),
+                    None => json_resp(404, json!({"unknown": pq})),
+                }
+            }
+        })
+    };
+    let (profiles, posts, notifications) = (service().await, service().await, service().await);
+
+    // The identity provider's keys (ES256).
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = kp.public_key_raw();
+    let b64 = |b: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    };
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]})
+    .to_string();
+    let idp = upstream::start(move |_req: Request<Incoming>| {
+        let body = jwks.clone();
+        async move { upstream::response(200, body) }
+    })
+    .await;
+
+    let yaml = yaml
+        .replace("address: 127.0.0.1:8080", "address: 127.0.0.1:0")
+        .replace("127.0.0.1:9001", &profiles.addr.to_string())
+        .replace("127.0.0.1:9002", &posts.addr.to_string())
+        .replace("127.0.0.1:9003", &notifications.addr.to_string())
+        .replace(
+            "https://accounts.example.com/.well-known/jwks.json",
+            &format!("http://{}/jwks.json", idp.addr),
+        );
+    let gw = gateway(&yaml).await;
+    let url = |pq: &str| format!("http://{}{pq}", gw.running.addr("public"));
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".into());
+    let claims = json!({"iss": "https://accounts.example.com/", "aud": "social-api",
+        "sub": "42", "azp": "mobile-app", "exp": unix_now() + 600});
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(&kp.serialize_der()),
+    )
+    .unwrap();
+    let bearer = format!("Bearer {token}");
+    let screen = |pq: &'static str| {
+        let (u, bearer) = (url(pq), bearer.clone());
+        async move {
+            // Until the first JWKS fetch, an unknown key is `503`.
+            for _ in 0..100 {
+                let r = get(u.clone(), &[("authorization", bearer.as_str())]).await;
+                if r.status != 503 || r.json()["error"]["code"] != "auth_unavailable" {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the JWKS was never fetched");
+        }
+    };
+
+    // A slow notification service: still 200, with the fallback.
+    slow_unread.store(true, Ordering::SeqCst);
+    let r = screen("/screens/home").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("portico-partial"), Some("true"));
+    let mut partial = expected.clone();
+    partial["notifications"] = json!({"count": null});
+    partial["_errors"] =
+        json!([{"call": "unread", "reason": "timed out after 300ms", "fallback": true}]);
+    assert_eq!(r.json(), partial);
+
+    slow_unread.store(false, Ordering::SeqCst);
+    let r = screen("/screens/home").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("portico-partial"), None);
+    assert_eq!(r.json(), expected);
+    // `recent` waited for `me`; the user id is the token's subject.
+    let me = log.index("/users/42 app=Some(\"mobile-app\")");
+    let recent = log.index("/posts?author=42&limit=5 app=None");
+    assert!(me < recent);
+    log.index("/users/42/unread-count app=None");
+
+    let r = screen("/screens/home?fields=name,notifications.count").await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "Ada", "notifications": {"count": 3}})
+    );
+
+    failing_profiles.store(true, Ordering::SeqCst);
+    let r = screen("/screens/home").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["details"]["call"], "me");
+
+    // Without a token: refused, nothing called.
+    let calls = log.all().len();
+    let r = client::get(&url("/screens/home")).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(log.all().len(), calls);
 }

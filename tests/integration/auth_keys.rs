@@ -4,7 +4,7 @@
 //! the client; custom names included), route groups, per-consumer metrics,
 //! failure counters and the admin API's usage endpoint; `portico hash-key`.
 
-use super::support::metrics::{admin_get, scrape};
+use super::support::metrics::{admin_get, scrape, scrape_until, Metrics};
 use super::support::tls::{self as t, ClientOpts, Pki, H1};
 use super::support::{client, gateway, upstream};
 use bytes::Bytes;
@@ -213,9 +213,10 @@ async fn anonymous_access_and_metrics_by_consumer() {
     let r = req(gw.url("/open"), &[("x-api-key", KEY_APP)]).await;
     assert_eq!(r.status, 200);
 
-    let m = scrape(gw.running.admin_addr(), None).await;
-    let n = |consumer: &str, class: &str| {
-        m.value(
+    // A request is counted once its response is over, a moment after the
+    // client has read it: polled until all four are.
+    let n = |m: &Metrics, consumer: &str, class: &str| {
+        m.find(
             "portico_requests_total",
             &[
                 ("route", "open"),
@@ -224,9 +225,12 @@ async fn anonymous_access_and_metrics_by_consumer() {
             ],
         )
     };
-    assert_eq!(n("anonymous", "2xx"), 1.0);
-    assert_eq!(n("anonymous", "4xx"), 1.0);
-    assert_eq!(n("app", "2xx"), 2.0);
+    scrape_until(gw.running.admin_addr(), None, |m| {
+        n(m, "anonymous", "2xx") == Some(1.0)
+            && n(m, "anonymous", "4xx") == Some(1.0)
+            && n(m, "app", "2xx") == Some(2.0)
+    })
+    .await;
 
     let u = admin_get(gw.running.admin_addr(), "/consumers/app/usage", None)
         .await

@@ -831,13 +831,15 @@ async fn consumer_claim_names_the_consumer() {
     assert_refused(&gw, &rs256("rsa-1", &c), Reason::UnknownConsumer).await;
     c.as_object_mut().unwrap().remove("azp");
     assert_refused(&gw, &rs256("rsa-1", &c), Reason::UnknownConsumer).await;
-    let m = metrics::scrape(gw.running.admin_addr(), None).await;
-    assert!(m
-        .find(
+    // Counted once each response is over: polled.
+    metrics::scrape_until(gw.running.admin_addr(), None, |m| {
+        m.find(
             "portico_requests_total",
-            &[("route", "api"), ("consumer", "web")]
+            &[("route", "api"), ("consumer", "web")],
         )
-        .is_some());
+        .is_some()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -845,13 +847,15 @@ async fn without_consumer_claim_requests_count_as_other() {
     let (_up, gw) = echo_gateway().await;
     let doc = call(&gw, Some(&rs256("rsa-1", &claims()))).await.json();
     assert!(doc["headers"].get("x-consumer-id").is_none());
-    let m = metrics::scrape(gw.running.admin_addr(), None).await;
-    assert!(m
-        .find(
+    // Counted once each response is over: polled.
+    metrics::scrape_until(gw.running.admin_addr(), None, |m| {
+        m.find(
             "portico_requests_total",
-            &[("route", "api"), ("consumer", "other")]
+            &[("route", "api"), ("consumer", "other")],
         )
-        .is_some());
+        .is_some()
+    })
+    .await;
 }
 
 #[tokio::test]

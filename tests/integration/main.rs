@@ -24,6 +24,7 @@ mod smoke {
 
 mod access;
 mod access_log;
+mod admin_api;
 mod aggregate;
 mod auth_keys;
 mod auth_methods;
@@ -39,7 +40,9 @@ mod jwt;
 mod lifecycle;
 mod limits;
 mod observability;
+mod pool;
 mod proxying;
+mod quickstart;
 mod ratelimit;
 mod resilience;
 mod routing;
