@@ -2,21 +2,41 @@
 //! limited and gateway-error responses, the 429 body and `Retry-After`,
 //! keys of every kind, plan limits and per-consumer overrides, costs,
 //! concurrency and WebSocket-connection limits. The Redis backends are in
-//! [`redis`]. No assertion is about timing; every loop is bounded.
+//! [`redis`]. Gateways with windows or throttles read a clock pinned at
+//! noon UTC ([`pinned`]), so nothing rolls over or refills mid-test. No
+//! assertion is about timing; every loop is bounded.
 
 mod redis;
 
 use super::support::metrics::scrape;
-use super::support::{client, gateway, live, upstream, TestGateway};
+use super::support::{client, gateway, gateway_with_clock, live, upstream, TestGateway};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::Request;
 use http_body_util::Full;
+use portico::ratelimit::ManualClock;
+use std::sync::Arc;
 use std::time::Duration;
 
 const KEY_ALICE: &str = "alice-key-0123456789abcdef";
 const KEY_BOB: &str = "bob-key-0123456789abcdef00";
 const KEY_CAROL: &str = "carol-key-0123456789abcdef";
+
+/// 2024-10-04 12:00:00 UTC in µs: twelve hours from either end of its day,
+/// and on the hour.
+const NOON: u64 = (20_000 * 86_400 + 43_200) * 1_000_000;
+
+/// A clock standing still at [`NOON`] until the test moves it: no window
+/// rolls over and no throttle refills during a test, whenever and however
+/// slowly it runs.
+fn pinned() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(NOON))
+}
+
+/// A gateway whose rate limits read the [`pinned`] clock.
+async fn pinned_gateway(yaml: &str) -> TestGateway {
+    gateway_with_clock(yaml, pinned()).await
+}
 
 fn sha(k: &str) -> String {
     portico::auth::sha256_hex(k.as_bytes())
@@ -71,7 +91,7 @@ routes:
 #[tokio::test]
 async fn headers_on_allowed_limited_and_gateway_error_responses() {
     let up = upstream::echo().await;
-    let gw = gateway(&base(
+    let gw = pinned_gateway(&base(
         up.addr,
         "",
         r#"  - name: limited
@@ -120,8 +140,8 @@ async fn headers_on_allowed_limited_and_gateway_error_responses() {
     let body = r.json();
     assert_eq!(body["error"]["code"], "rate_limited");
     assert_eq!(body["error"]["status"], 429);
-    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
-    assert!((1..=86_400).contains(&retry), "{retry}");
+    // The clock stands at noon: the day's quota is back at midnight.
+    assert_eq!(r.header("retry-after"), Some("43200"));
     assert!(r
         .header("ratelimit")
         .unwrap()
@@ -205,7 +225,7 @@ async fn keys_of_every_kind() {
         route("by-route-b", "route", ""),
     ]
     .concat();
-    let gw = gateway(&base(up.addr, &consumers, &routes)).await;
+    let gw = pinned_gateway(&base(up.addr, &consumers, &routes)).await;
     let a = [("x-api-key", KEY_ALICE)];
     let b = [("x-api-key", KEY_BOB)];
     let c = [("x-api-key", KEY_CAROL)];
@@ -294,7 +314,7 @@ consumers:
           limits: [{name: units, quota: 12, window: hour}]
     action: {proxy: {upstream: up}}
 "#;
-    let gw = gateway(&base(up.addr, &extra, routes)).await;
+    let gw = pinned_gateway(&base(up.addr, &extra, routes)).await;
     assert_eq!(
         admitted(&gw, "/api", &[("x-api-key", KEY_ALICE)], 4).await,
         2
