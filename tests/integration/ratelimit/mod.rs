@@ -275,6 +275,113 @@ async fn keys_of_every_kind() {
     assert_eq!(admitted(&gw, "/by-route-b", &b, 3).await, 2);
 }
 
+/// An EC P-256 key: the issuer's public JWK and the key to sign with.
+fn es256_key() -> (serde_json::Value, jsonwebtoken::EncodingKey) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = kp.public_key_raw();
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": "k1",
+        "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+    });
+    (
+        jwk,
+        jsonwebtoken::EncodingKey::from_ec_der(&kp.serialize_der()),
+    )
+}
+
+#[tokio::test]
+async fn claim_keys_from_a_verified_jwt() {
+    let up = upstream::echo().await;
+    let (jwk, key) = es256_key();
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = |extra: serde_json::Value| {
+        let mut claims = serde_json::json!({
+            "iss": "https://id.test", "aud": "api", "sub": "user-1", "exp": exp,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("k1".into());
+        let t = jsonwebtoken::encode(&h, &claims, &key).unwrap();
+        format!("Bearer {t}")
+    };
+    let route = |name: &str, key: &str, extra: &str| {
+        format!(
+            r#"  - name: {name}
+    match: {{path_prefix: /{name}}}
+    policies:
+      - auth: {{methods: [{{jwt: {{issuers: [main]}}}}]}}
+      - rate_limit:
+          key: {key}
+          {extra}
+          limits: [{{name: q, quota: 2, window: day}}]
+    action: {{proxy: {{upstream: up}}}}
+"#
+        )
+    };
+    let issuer = format!(
+        r#"auth:
+  jwt_issuers:
+    - name: main
+      issuer: https://id.test
+      audiences: [api]
+      algorithms: [ES256]
+      keys: [{{jwk: {jwk}}}]"#
+    );
+    let routes = [
+        route("by-tenant", "claim:tenant", ""),
+        route("by-org", "claim:org", ""),
+        route("skip", "claim:tenant", "missing_key: skip"),
+    ]
+    .concat();
+    let gw = pinned_gateway(&base(up.addr, &issuer, &routes)).await;
+    let t1 = token(serde_json::json!({"tenant": "t1"}));
+    let t1_other_user = token(serde_json::json!({"tenant": "t1", "sub": "user-2"}));
+    let t2 = token(serde_json::json!({"tenant": "t2"}));
+    let no_tenant = token(serde_json::json!({}));
+    let object_tenant = token(serde_json::json!({"tenant": {"id": "t1"}}));
+    let auth = |t: &str| [("authorization", t.to_string())];
+    let call = |t: &str, path: &'static str, n: usize| {
+        let h = auth(t);
+        let gw = &gw;
+        async move {
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            admitted(gw, path, &h, n).await
+        }
+    };
+    // Without a valid token there is no claim to key on: 401, not counted.
+    assert_eq!(get(&gw, "/by-tenant", &[]).await.status, 401);
+    // A string claim: one count per tenant, whoever the user.
+    assert_eq!(call(&t1, "/by-tenant", 1).await, 1);
+    assert_eq!(call(&t1_other_user, "/by-tenant", 3).await, 1);
+    assert_eq!(call(&t2, "/by-tenant", 3).await, 2);
+    // A missing claim, or one that is not a string, number or boolean,
+    // falls back to the client IP: those two share one count.
+    assert_eq!(call(&no_tenant, "/by-tenant", 1).await, 1);
+    assert_eq!(call(&object_tenant, "/by-tenant", 3).await, 1);
+    // A number claim.
+    let org7 = token(serde_json::json!({"org": 7}));
+    let org8 = token(serde_json::json!({"org": 8}));
+    assert_eq!(call(&org7, "/by-org", 3).await, 2);
+    assert_eq!(call(&org8, "/by-org", 3).await, 2);
+    // `missing_key: skip`: no tenant, no limit (and no headers).
+    assert_eq!(call(&no_tenant, "/skip", 5).await, 5);
+    let r = get(&gw, "/skip", &[("authorization", no_tenant.as_str())]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("ratelimit").is_none());
+    assert_eq!(call(&t1, "/skip", 3).await, 2);
+    let r = get(&gw, "/skip", &[("authorization", t1.as_str())]).await;
+    assert_eq!(r.header("ratelimit"), Some("\"q\";r=0;t=43200"));
+}
+
 #[tokio::test]
 async fn plan_limits_consumer_overrides_and_costs() {
     let up = upstream::echo().await;
