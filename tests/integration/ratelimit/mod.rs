@@ -446,6 +446,64 @@ consumers:
 }
 
 #[tokio::test]
+async fn a_plan_limit_keyed_by_group_is_shared_by_the_team() {
+    // As in docs/traffic-control.md: limits attach to the plan; a plan
+    // limit with `key: group` counts for everyone whose first group it is.
+    let up = upstream::echo().await;
+    let extra = format!(
+        r#"rate_limiting:
+  plans:
+    partner:
+      - {{name: per-consumer, quota: 2, window: day}}
+      - {{name: per-team, quota: 3, window: day, key: group}}
+consumers:
+  - id: alice
+    plan: partner
+    groups: [team-a]
+    credentials: {{api_keys: [{{sha256: {a}}}]}}
+  - id: bob
+    plan: partner
+    groups: [team-a, team-c]
+    credentials: {{api_keys: [{{sha256: {b}}}]}}
+  - id: carol
+    plan: partner
+    groups: [team-c, team-a]
+    credentials: {{api_keys: [{{sha256: {c}}}]}}"#,
+        a = sha(KEY_ALICE),
+        b = sha(KEY_BOB),
+        c = sha(KEY_CAROL)
+    );
+    let routes = r#"  - name: api
+    match: {path_prefix: /api}
+    policies:
+      - auth: {methods: [{api_key: {}}]}
+      - rate_limit: {}
+    action: {proxy: {upstream: up}}
+"#;
+    let gw = pinned_gateway(&base(up.addr, &extra, routes)).await;
+    // Everyone calls from the same address: a plan's limit without a key
+    // of its own counts per consumer, not by the policy's key (client_ip).
+    // alice: her own 2.
+    assert_eq!(
+        admitted(&gw, "/api", &[("x-api-key", KEY_ALICE)], 3).await,
+        2
+    );
+    // bob: team-a has 1 of its 3 left.
+    assert_eq!(admitted(&gw, "/api", &[("x-api-key", KEY_BOB)], 3).await, 1);
+    // carol's first group is team-c: a count of its own.
+    assert_eq!(
+        admitted(&gw, "/api", &[("x-api-key", KEY_CAROL)], 3).await,
+        2
+    );
+    let r = get(&gw, "/api", &[("x-api-key", KEY_BOB)]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"per-consumer\";q=2;w=86400, \"per-team\";q=3;w=86400")
+    );
+}
+
+#[tokio::test]
 async fn concurrency_limit_releases_when_the_body_ends() {
     let up = upstream::slow(Duration::from_millis(1500)).await;
     let gw = gateway(&base(
