@@ -159,6 +159,27 @@ const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Compiles `loaded`. Upstreams whose definition did not change are taken
 /// from `previous` as they are (pools and health state kept).
 pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigErrors> {
+    compile_inner(loaded, previous, None)
+}
+
+/// [`compile`] with the time source of rate limits (windows, throttles,
+/// the Redis breaker's cooldown) given, for tests that must not depend on
+/// when they run: a [`ManualClock`](crate::ratelimit::ManualClock) pins
+/// them far from a window boundary. Reloads keep it while the backend
+/// settings stay the same.
+pub fn compile_with_clock(
+    loaded: &Loaded,
+    previous: Option<&Snapshot>,
+    clock: Arc<dyn crate::ratelimit::Clock>,
+) -> Result<Snapshot, ConfigErrors> {
+    compile_inner(loaded, previous, Some(clock))
+}
+
+fn compile_inner(
+    loaded: &Loaded,
+    previous: Option<&Snapshot>,
+    clock: Option<Arc<dyn crate::ratelimit::Clock>>,
+) -> Result<Snapshot, ConfigErrors> {
     let mut c = Compiler {
         loaded,
         errors: Vec::new(),
@@ -314,7 +335,7 @@ pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot,
     let limiting = Arc::new(crate::ratelimit::compile(
         cfg,
         previous.map(|s| &*s.limiting),
-        None,
+        clock,
         &mut |p, m| c.err(p, m),
     ));
     let mut group_names = HashSet::new();

@@ -520,7 +520,6 @@ fn rate_limit(
         return None;
     }
     Some(super::ratelimit::RateLimitPolicy {
-        key,
         missing_skip: r.missing_key == model::MissingKey::Skip,
         cost: r.cost,
         limits,

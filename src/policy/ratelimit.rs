@@ -37,7 +37,8 @@ static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 const FALLBACK: u64 = 0x9e37_79b9_7f4a_7c15;
 
 pub struct RateLimitPolicy {
-    pub key: Box<[KeyPart]>,
+    /// Whether a limit whose key misses a part is skipped (else the part
+    /// is the client IP). Each limit carries its key (`LimitDef::key`).
     pub missing_skip: bool,
     pub cost: u64,
     pub limits: Arc<[Arc<LimitDef>]>,
@@ -183,7 +184,7 @@ impl RateLimitPolicy {
                 return None;
             }
         }
-        let parts = def.key.as_deref().unwrap_or(&self.key);
+        let parts = &*def.key;
         let mut h = crate::ratelimit::local::key_hasher();
         h.write_u64(def.id);
         let need_text = def.backend != Backend::Local;

@@ -117,8 +117,10 @@ pub struct LimitDef {
     pub fallback: Option<Algo>,
     /// Hybrid: units reserved per sync (and the most credit).
     pub batch: u64,
-    /// Its own key, instead of the policy's.
-    pub key: Option<Box<[KeyPart]>>,
+    /// The key it counts by: its own `key`, else its list's default (the
+    /// policy's key for a route's limits, `consumer` for a plan's or a
+    /// consumer's own).
+    pub key: Box<[KeyPart]>,
 }
 
 /// Runtime state kept across reloads while the backend settings stay.
@@ -501,8 +503,8 @@ fn compile_limit(
         e(format!("{p}.batch"), "must be at least 1".into());
     }
     let key = match &l.key {
-        Some(k) => Some(parse_key(&format!("{p}.key"), k, &mut e)?),
-        None => None,
+        Some(k) => parse_key(&format!("{p}.key"), k, &mut e)?,
+        None => policy_key.into(),
     };
     if failed {
         return None;
@@ -634,7 +636,8 @@ consumers:
         assert!(errs.is_empty(), "{errs:?}");
         let daily = &l.plans["free"][0];
         assert_eq!(&*l.consumers["b"][0].name, "own");
-        assert_eq!(daily.key.as_deref(), None);
+        // Keyed by consumer, not by the key of the policy applying it.
+        assert_eq!(*daily.key, [KeyPart::Consumer]);
         let Kind::Rate(algo) = daily.kind else {
             panic!()
         };

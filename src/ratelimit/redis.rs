@@ -188,18 +188,27 @@ impl Breaker {
     }
 
     /// May a call be made now? After the cooldown only one (the probe).
-    pub fn admit(&self, now: u64) -> bool {
+    /// The call reports its result through the [`Pass`]; a probe whose
+    /// call is abandoned before it has one (its request was cancelled)
+    /// frees its place, or Redis would never be probed again.
+    pub fn admit(&self, now: u64) -> Option<Pass<'_>> {
         let until = self.open_until.load(Ordering::Acquire);
         if until == 0 {
-            return true;
+            return Some(Pass {
+                breaker: self,
+                probe: false,
+            });
         }
-        if now < until {
-            return false;
+        if now < until || self.probing.swap(true, Ordering::AcqRel) {
+            return None;
         }
-        !self.probing.swap(true, Ordering::AcqRel)
+        Some(Pass {
+            breaker: self,
+            probe: true,
+        })
     }
 
-    pub fn success(&self) {
+    fn success(&self) {
         self.failures.store(0, Ordering::Relaxed);
         if self.open_until.swap(0, Ordering::AcqRel) != 0 {
             tracing::info!("rate limiting: Redis is reachable again");
@@ -207,7 +216,7 @@ impl Breaker {
         self.probing.store(false, Ordering::Release);
     }
 
-    pub fn failure(&self, now: u64) {
+    fn failure(&self, now: u64) {
         let f = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let was_probe = self.probing.swap(false, Ordering::AcqRel);
         if f >= self.threshold || was_probe {
@@ -219,6 +228,37 @@ impl Breaker {
                     "rate limiting: Redis unavailable; skipping it for the cooldown"
                 );
             }
+        }
+    }
+}
+
+/// One call the breaker let through; it reports the call's result.
+#[must_use]
+pub struct Pass<'a> {
+    breaker: &'a Breaker,
+    /// The half-open probe (the only call after the cooldown).
+    probe: bool,
+}
+
+// === impl Pass ===
+
+impl Pass<'_> {
+    pub fn success(mut self) {
+        self.probe = false;
+        self.breaker.success();
+    }
+
+    pub fn failure(mut self, now: u64) {
+        self.probe = false;
+        self.breaker.failure(now);
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            // Abandoned without a result: another call may probe.
+            self.breaker.probing.store(false, Ordering::Release);
         }
     }
 }
@@ -284,9 +324,9 @@ impl Redis {
         mode: u64,
         calls: &[Call<'_>],
     ) -> Result<Vec<u64>, Unavailable> {
-        if !self.breaker.admit(now) {
+        let Some(pass) = self.breaker.admit(now) else {
             return Err(Unavailable);
-        }
+        };
         let mut keys = Vec::with_capacity(calls.len() * 2);
         let mut args = Vec::with_capacity(2 + calls.len() * 6);
         args.extend([now, mode]);
@@ -296,7 +336,7 @@ impl Redis {
         let mut conn = match self.conn() {
             Ok(c) => c,
             Err(e) => {
-                self.breaker.failure(now);
+                pass.failure(now);
                 return Err(e);
             }
         };
@@ -310,21 +350,21 @@ impl Redis {
         let r = tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
         match r {
             Ok(Ok(v)) if v.len() == calls.len() * 3 => {
-                self.breaker.success();
+                pass.success();
                 Ok(v.into_iter().map(|x| x.max(0) as u64).collect())
             }
             Ok(Ok(_)) => {
-                self.breaker.failure(now);
+                pass.failure(now);
                 Err(Unavailable)
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "rate limiting: Redis call failed");
-                self.breaker.failure(now);
+                pass.failure(now);
                 Err(Unavailable)
             }
             Err(_) => {
                 tracing::debug!("rate limiting: Redis call timed out");
-                self.breaker.failure(now);
+                pass.failure(now);
                 Err(Unavailable)
             }
         }
@@ -339,25 +379,44 @@ mod tests {
     fn breaker_opens_after_k_failures_and_probes_once() {
         let b = Breaker::new(3, Duration::from_secs(5));
         let t = 1_000_000;
-        assert!(b.admit(t));
-        b.failure(t);
-        b.failure(t);
+        b.admit(t).unwrap().failure(t);
+        b.admit(t).unwrap().failure(t);
         assert!(!b.is_open(t));
-        b.failure(t);
+        b.admit(t).unwrap().failure(t);
         assert!(b.is_open(t));
-        assert!(!b.admit(t + 1));
+        assert!(b.admit(t + 1).is_none());
         // After the cooldown: one probe, not two.
         let later = t + 5_000_001;
         assert!(!b.is_open(later));
-        assert!(b.admit(later));
-        assert!(!b.admit(later));
+        let probe = b.admit(later).expect("the probe");
+        assert!(b.admit(later).is_none());
         // A failed probe opens it again at once.
-        b.failure(later);
+        probe.failure(later);
         assert!(b.is_open(later + 1));
+        assert!(b.admit(later + 1).is_none());
         let again = later + 5_000_001;
-        assert!(b.admit(again));
-        b.success();
-        assert!(b.admit(again) && b.admit(again));
+        b.admit(again).expect("the next probe").success();
+        assert!(b.admit(again).is_some() && b.admit(again).is_some());
         assert_eq!(b.opened.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn an_abandoned_probe_frees_its_place() {
+        let b = Breaker::new(1, Duration::from_secs(5));
+        let t = 1_000_000;
+        b.admit(t).unwrap().failure(t);
+        let later = t + 5_000_001;
+        let probe = b.admit(later).expect("the probe");
+        assert!(b.admit(later).is_none(), "one probe at a time");
+        // Its request was cancelled before Redis answered.
+        drop(probe);
+        let next = b.admit(later).expect("another probe may go");
+        assert!(b.admit(later).is_none());
+        next.success();
+        assert!(!b.is_open(later));
+        assert!(b.admit(later).is_some());
+        // A call abandoned while the breaker is closed changes nothing.
+        drop(b.admit(later));
+        assert!(!b.is_open(later) && b.admit(later).is_some());
     }
 }

@@ -656,3 +656,82 @@ fn configuration_errors_name_their_key() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_consumers_group_sets_its_priority_class() {
+    const ALICE: &str = "alice-key-0123456789abcdef";
+    const BOB: &str = "bob-key-0123456789abcdef00";
+    const CAROL: &str = "carol-key-0123456789abcdef";
+    let sha = |k: &str| portico::auth::sha256_hex(k.as_bytes());
+    let (up, gate) = gated().await;
+    // max 4: `critical` may hold 4 slots, `high` 3, `low` (the default) 2.
+    // The header is trusted from 10/8 only: not from the test's loopback.
+    let top = format!(
+        r#"priorities:
+  classes:
+    - {{name: critical, groups: [ops]}}
+    - {{name: high, share: 0.75, groups: [gold]}}
+    - {{name: low, share: 0.5, groups: [free-tier]}}
+  header: x-priority
+  trusted_peers: ['10.0.0.0/8']
+overload: {{max_concurrent: 4}}
+consumers:
+  - id: alice
+    groups: [gold]
+    credentials: {{api_keys: [{{sha256: {a}}}]}}
+  - id: bob
+    groups: [free-tier]
+    credentials: {{api_keys: [{{sha256: {b}}}]}}
+  - id: carol
+    groups: [free-tier, ops]
+    credentials: {{api_keys: [{{sha256: {c}}}]}}
+"#,
+        a = sha(ALICE),
+        b = sha(BOB),
+        c = sha(CAROL)
+    );
+    let routes = "  - name: all\n    policies:\n      - auth: {methods: [{api_key: {}}], anonymous: true}\n    action: {proxy: {upstream: up}}\n  - name: vip\n    match: {path_prefix: /vip}\n    priority_class: high\n    policies:\n      - auth: {methods: [{api_key: {}}], anonymous: true}\n    action: {proxy: {upstream: up}}\n";
+    let gw = gateway(&config(up.addr, &top, "", routes)).await;
+    // Two anonymous requests (the default class, low) hold 2 slots.
+    let mut held = vec![spawn_get(&gw, "/x", &[]), spawn_get(&gw, "/x", &[])];
+    wait_hits(&up, 2).await;
+    // bob's group is in `low`: its share is used up ...
+    let bob = [("x-api-key", BOB)];
+    assert_overloaded(&client::send(get(&gw, "/x", &bob)).await, "1");
+    // ... on a route of class `high` too (the group's class comes first),
+    assert_overloaded(&client::send(get(&gw, "/vip", &bob)).await, "1");
+    // ... and a class named in the header from an untrusted peer is ignored.
+    let bob_claims = [("x-api-key", BOB), ("x-priority", "critical")];
+    assert_overloaded(&client::send(get(&gw, "/x", &bob_claims)).await, "1");
+    // alice's group is in `high`: a third slot.
+    let alice = [("x-api-key", ALICE)];
+    held.push(spawn_get(&gw, "/x", &alice));
+    wait_hits(&up, 3).await;
+    // `high` is full at 3 in flight: alice is not `critical`.
+    assert_overloaded(&client::send(get(&gw, "/x", &alice)).await, "1");
+    // carol is in free-tier (low) and ops (critical): the highest counts.
+    held.push(spawn_get(&gw, "/x", &[("x-api-key", CAROL)]));
+    wait_hits(&up, 4).await;
+    gate.add_permits(10);
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    // The refusals are counted under the consumers' classes.
+    let m = scrape(gw.running.admin_addr(), None).await;
+    let by_route = |route: &str, class: &str| {
+        m.find(
+            "portico_requests_shed_total",
+            &[
+                ("route", route),
+                ("priority", class),
+                ("scope", "global"),
+                ("reason", "rejected"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(by_route("all", "low"), 2.0, "bob, twice");
+    assert_eq!(by_route("vip", "low"), 1.0, "bob on the high route");
+    assert_eq!(by_route("all", "high"), 1.0, "alice's second request");
+    assert_eq!(by_route("vip", "high") + by_route("all", "critical"), 0.0);
+}

@@ -73,6 +73,24 @@ pub async fn gateway(yaml: &str) -> TestGateway {
     TestGateway { running }
 }
 
+/// A gateway whose rate limits take their time from `clock`
+/// (`snapshot::compile_with_clock`): a pinned `ManualClock` keeps windows
+/// from rolling over and breaker cooldowns from passing until the test
+/// moves it.
+pub async fn gateway_with_clock(
+    yaml: &str,
+    clock: std::sync::Arc<dyn portico::ratelimit::Clock>,
+) -> TestGateway {
+    let loaded =
+        portico::config::parse_str("test.yaml", yaml, |_| None).unwrap_or_else(|e| panic!("{e}"));
+    let snap = portico::snapshot::compile_with_clock(&loaded, None, clock)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let running = portico::server::start(snap, None)
+        .await
+        .expect("gateway starts");
+    TestGateway { running }
+}
+
 /// A minimal config: listener `main` on a free port and one upstream `up`
 /// with the given targets, plus `routes` (YAML list items, indented 2).
 pub fn simple_config(targets: &[SocketAddr], upstream_extra: &str, routes: &str) -> String {
