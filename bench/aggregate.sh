@@ -13,6 +13,9 @@
 #   ROUNDS=5 DURATION=5 bench/aggregate.sh
 #   PORTICO=/tmp/portico-bench bench/aggregate.sh   # a copied binary
 #   ORIGIN_PORT=18091 LISTEN_PORT=18090 bench/aggregate.sh   # ports taken
+#   UPSTREAM_PROTOCOL=h2c bench/aggregate.sh   # Portico → origin over HTTP/2
+#     (prior knowledge): an aggregate's calls share one connection, and the
+#     proxied baseline uses the same upstream
 #
 # Scenarios per round:
 #   agg      wrk -c$CONNECTIONS on GET /screen (3 calls aggregated)
@@ -30,6 +33,12 @@ LOAD_CPU=${LOAD_CPU:-0}
 PORTICO=${PORTICO:-}
 ORIGIN_PORT=${ORIGIN_PORT:-18081}
 LISTEN_PORT=${LISTEN_PORT:-18080}
+UPSTREAM_PROTOCOL=${UPSTREAM_PROTOCOL:-http1}
+case "$UPSTREAM_PROTOCOL" in
+  http1) ORIGIN_LISTEN_OPTS="" ;;
+  h2c) ORIGIN_LISTEN_OPTS="http2" ;;
+  *) echo "UPSTREAM_PROTOCOL: http1 or h2c" >&2; exit 1 ;;
+esac
 if [ -z "$PORTICO" ]; then
   CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}" cargo build --release --quiet
   PORTICO=/tmp/portico-aggregate-bench
@@ -75,7 +84,7 @@ http {
   uwsgi_temp_path $tmp/uw;
   scgi_temp_path $tmp/sc;
   server {
-    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+    listen 127.0.0.1:$ORIGIN_PORT $ORIGIN_LISTEN_OPTS backlog=4096;
     location = /profile { return 200 '{"id":42,"name":"Ada Lovelace","avatar":"https://cdn.example/a/42.png","bio":"Analyst"}'; }
     location = /posts { return 200 '{"items":[{"id":1,"title":"Notes on the engine","likes":12},{"id":2,"title":"On Bernoulli numbers","likes":7},{"id":3,"title":"Poetical science","likes":3}],"next":"c2"}'; }
     location = /notifications { return 200 '{"unread":3}'; }
@@ -85,6 +94,7 @@ CONF
 taskset -c "$LOAD_CPU" "$NGINX" -p "$tmp" -c "$tmp/nginx.conf" >"$tmp/nginx.log" 2>&1 &
 pids+=($!)
 (exec env BENCH_LISTEN="127.0.0.1:$LISTEN_PORT" BENCH_UPSTREAM="127.0.0.1:$ORIGIN_PORT" BENCH_WORKERS=1 \
+  BENCH_UPSTREAM_PROTOCOL="$UPSTREAM_PROTOCOL" \
   taskset -c "$PROXY_CPU" "$PORTICO" run --config bench/aggregate.yaml >"$tmp/portico.log" 2>&1) &
 pids+=($!)
 
