@@ -153,10 +153,10 @@ impl Shared {
             .ok_or_else(|| failed("no config file to reload".into()))?;
         let loaded = config::load_file(path).map_err(ReloadError::Invalid)?;
         let current = self.snapshot.load_full();
-        if loaded.hash == current.hash {
+        if loaded.hash == current.text_hash {
             return Ok(Reloaded {
                 changed: false,
-                hash: loaded.hash,
+                hash: current.hash,
             });
         }
         let mut next = compile(&loaded, Some(&current)).map_err(ReloadError::Invalid)?;
@@ -261,10 +261,11 @@ impl Shared {
                 self.spawn_listener(&mut bound, listener, spec);
             }
         }
-        tracing::info!(file = %path.display(), hash = format!("{:016x}", loaded.hash), "configuration reloaded");
+        let hash = self.snapshot.load().hash;
+        tracing::info!(file = %path.display(), hash = format!("{hash:016x}"), "configuration reloaded");
         Ok(Reloaded {
             changed: true,
-            hash: loaded.hash,
+            hash,
         })
     }
 
