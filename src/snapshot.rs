@@ -2,12 +2,16 @@
 //! routers per listener, compiled routes (policy chain + action), upstreams.
 //!
 //! All semantic validation happens here, and every problem is reported with
-//! its file, line, column and key path. Compiling does no network I/O (it
-//! only reads the certificate, key and CA files that TLS settings name); the server
-//! swaps a new snapshot in atomically and requests in flight keep the one
-//! they started with.
+//! its file, line, column and key path. Compiling does no network I/O; the
+//! only files it reads are the ones the configuration names (TLS
+//! certificates, keys and CAs, JWT key files, JSON Schemas, OpenAPI
+//! documents), each through `config::inputs::read`, so the snapshot records
+//! them ([`Snapshot::inputs`]) and its identity ([`Snapshot::hash`]) covers
+//! their contents. The server swaps a new snapshot in atomically and
+//! requests in flight keep the one they started with.
 
 use crate::action::{Action, Echo, Respond};
+use crate::config::inputs::Inputs;
 use crate::config::model::{self, RetryCondition, RetryOn};
 use crate::config::{ConfigError, ConfigErrors, Loaded};
 use crate::metrics::{RouteMetrics, UNMATCHED_ROUTE};
@@ -98,7 +102,16 @@ pub struct Snapshot {
     pub drain_timeout: Duration,
     pub upgrade_timeout: Duration,
     pub watch_config: bool,
+    /// The snapshot's identity: a hash of the configuration text (after
+    /// `${VAR}` interpolation) and of every file it names
+    /// ([`crate::config::inputs::Inputs::identity`]); what `/status` and
+    /// `portico_config_info` show.
     pub hash: u64,
+    /// The hash of the configuration text alone.
+    pub text_hash: u64,
+    /// The other files compiling read (TLS, JWT keys, schemas, OpenAPI
+    /// documents): a reload re-reads them, the file watcher stats them.
+    pub inputs: Arc<crate::config::inputs::Inputs>,
     pub file: String,
     pub loaded_at: SystemTime,
     pub workers: Option<usize>,
@@ -159,7 +172,7 @@ const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Compiles `loaded`. Upstreams whose definition did not change are taken
 /// from `previous` as they are (pools and health state kept).
 pub fn compile(loaded: &Loaded, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigErrors> {
-    compile_inner(loaded, previous, None)
+    compile_with_inputs(loaded, previous, None).0
 }
 
 /// [`compile`] with the time source of rate limits (windows, throttles,
@@ -172,10 +185,30 @@ pub fn compile_with_clock(
     previous: Option<&Snapshot>,
     clock: Arc<dyn crate::ratelimit::Clock>,
 ) -> Result<Snapshot, ConfigErrors> {
-    compile_inner(loaded, previous, Some(clock))
+    compile_with_inputs(loaded, previous, Some(clock)).0
 }
 
-fn compile_inner(
+/// [`compile`] (with an optional rate-limit clock, see
+/// [`compile_with_clock`]), also returning the files it read or tried to
+/// read (see [`crate::config::inputs`]) when it fails: a rejected reload's
+/// missing file is worth watching.
+pub fn compile_with_inputs(
+    loaded: &Loaded,
+    previous: Option<&Snapshot>,
+    clock: Option<Arc<dyn crate::ratelimit::Clock>>,
+) -> (Result<Snapshot, ConfigErrors>, Arc<Inputs>) {
+    let (compiled, inputs) =
+        crate::config::inputs::record(|| compile_config(loaded, previous, clock));
+    let inputs = Arc::new(inputs);
+    let compiled = compiled.map(|mut s| {
+        s.hash = inputs.identity(loaded.hash);
+        s.inputs = inputs.clone();
+        s
+    });
+    (compiled, inputs)
+}
+
+fn compile_config(
     loaded: &Loaded,
     previous: Option<&Snapshot>,
     clock: Option<Arc<dyn crate::ratelimit::Clock>>,
@@ -441,7 +474,10 @@ fn compile_inner(
         drain_timeout: cfg.drain_timeout.0,
         upgrade_timeout: cfg.upgrade_timeout.0,
         watch_config: cfg.watch_config,
+        // Both set by `compile_with_inputs` once every file is read.
         hash: loaded.hash,
+        text_hash: loaded.hash,
+        inputs: Default::default(),
         file: loaded.file.clone(),
         loaded_at: SystemTime::now(),
         workers: cfg.workers,

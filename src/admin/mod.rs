@@ -445,6 +445,7 @@ fn config_info(snap: &crate::snapshot::Snapshot) -> Value {
     json!({
         "file": snap.file,
         "hash": format!("{:016x}", snap.hash),
+        "files": snap.inputs.paths().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "loaded_at": rfc3339(snap.loaded_at),
         "loaded_at_unix": unix_seconds(snap.loaded_at),
     })

@@ -1,8 +1,11 @@
 //! Configuration: reading a YAML file into [`model::Config`] with precise
 //! errors. Semantic checks (references, ambiguity, impossible values) happen
 //! in the compiler ([`crate::snapshot`]), which reports through the same
-//! [`ConfigError`] type using the [`position::Positions`] index.
+//! [`ConfigError`] type using the [`position::Positions`] index. The other
+//! files a configuration names are read by the compiler, through
+//! [`inputs::read`], which records them for reloads and the file watcher.
 
+pub mod inputs;
 pub mod interpolate;
 pub mod model;
 pub mod position;
@@ -63,7 +66,8 @@ pub struct Loaded {
     pub config: Config,
     pub file: String,
     pub positions: Positions,
-    /// Hash of the interpolated source, shown by the admin API and logs.
+    /// Hash of the interpolated source. A snapshot's identity combines it
+    /// with the files the configuration names (`inputs::Inputs::identity`).
     pub hash: u64,
     /// The file as written, before `${VAR}` interpolation (same lines).
     pub source: String,

@@ -22,7 +22,8 @@ pub struct Config {
     /// the upgrade is abandoned (and the new process killed).
     #[serde(default = "defaults::upgrade_timeout")]
     pub upgrade_timeout: Dur,
-    /// Reload when the config file changes (in addition to SIGHUP).
+    /// Reload when the config file, or a file it names, changes (in
+    /// addition to SIGHUP).
     #[serde(default = "defaults::yes")]
     pub watch_config: bool,
     #[serde(default)]

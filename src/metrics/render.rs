@@ -592,7 +592,7 @@ pub fn render(s: &Scrape) -> (String, &'static str) {
     e.family(
         "portico_config",
         Kind::Info,
-        "The configuration in force: its hash (as /status shows it).",
+        "The configuration in force: its hash (of the configuration text and of the files it names, as /status shows it).",
     );
     let hash = format!("{:016x}", snap.hash);
     e.sample("portico_config_info", &[("hash", &hash)], 1u64);

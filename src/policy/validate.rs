@@ -158,10 +158,11 @@ pub fn compile(p: &str, v: &model::ValidatePolicy, env: &Env, err: Err) -> Optio
 }
 
 /// Reads a JSON or YAML file (by extension: `.json` is JSON, anything
-/// else YAML, which also reads JSON) into a value.
+/// else YAML, which also reads JSON) into a value; a compile records it as
+/// one of its inputs.
 pub(crate) fn read_document(path: &Path) -> Result<Value, String> {
     let shown = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = crate::config::inputs::read_to_string(path).map_err(|e| {
         let why = match e.kind() {
             std::io::ErrorKind::NotFound => "file not found".to_string(),
             _ => e.to_string(),

@@ -25,9 +25,10 @@ pub mod service;
 mod sys;
 pub mod upgrade;
 
+use crate::config::inputs::{self, Inputs};
 use crate::config::{self, ConfigErrors};
 use crate::metrics::{conn_class, GatewayMetrics, ListenerMetrics};
-use crate::snapshot::{compile, ListenerSpec, Snapshot};
+use crate::snapshot::{compile_with_inputs, ListenerSpec, Snapshot};
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::HashMap;
@@ -98,6 +99,10 @@ pub struct Shared {
     started: Instant,
     /// Per-consumer request counts over recent windows (admin API).
     pub usage: crate::metrics::usage::UsageHistory,
+    /// The files that the last reload read or tried to read, when its
+    /// compile was rejected: watched too, so that a key file the new
+    /// configuration names but that was missing (or bad) is seen arriving.
+    rejected_inputs: Mutex<Arc<Inputs>>,
 }
 
 /// Why a reload was rejected (the previous configuration keeps serving).
@@ -122,16 +127,21 @@ impl std::fmt::Display for ReloadError {
 /// A reload that went through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reloaded {
-    /// False when the file was unchanged (nothing was done).
+    /// False when neither the file nor any file it names changed (nothing
+    /// was done).
     pub changed: bool,
+    /// The identity of the snapshot in force (`Snapshot::hash`).
     pub hash: u64,
 }
 
 impl Shared {
-    /// Re-reads the config file, compiles it, binds new listeners and swaps
-    /// it in. On any error the current configuration keeps serving and the
-    /// error (as `portico validate` prints it) is returned. An unchanged
-    /// file is a no-op.
+    /// Re-reads the config file and every file it names (TLS, JWT keys,
+    /// schemas, OpenAPI documents), compiles it, binds new listeners and
+    /// swaps it in. On any error the current configuration keeps serving
+    /// and the error (as `portico validate` prints it) is returned. When
+    /// neither the file nor any file it names changed it is a no-op, so
+    /// the state kept across reloads (JWT keys and token caches, pools,
+    /// limits) is kept as it is.
     pub fn reload(self: &Arc<Self>) -> Result<(), String> {
         self.reload_checked().map(|_| ()).map_err(|e| e.to_string())
     }
@@ -151,15 +161,32 @@ impl Shared {
             .config_path
             .as_ref()
             .ok_or_else(|| failed("no config file to reload".into()))?;
-        let loaded = config::load_file(path).map_err(ReloadError::Invalid)?;
+        let loaded = config::load_file(path).map_err(|e| {
+            self.set_rejected_inputs(Default::default());
+            ReloadError::Invalid(e)
+        })?;
         let current = self.snapshot.load_full();
-        if loaded.hash == current.hash {
-            return Ok(Reloaded {
-                changed: false,
-                hash: loaded.hash,
-            });
+        let unchanged = Reloaded {
+            changed: false,
+            hash: current.hash,
+        };
+        if loaded.hash == current.text_hash && current.inputs.unchanged() {
+            self.set_rejected_inputs(Default::default());
+            return Ok(unchanged);
         }
-        let mut next = compile(&loaded, Some(&current)).map_err(ReloadError::Invalid)?;
+        let (compiled, read) = compile_with_inputs(&loaded, Some(&current), None);
+        let mut next = match compiled {
+            Ok(next) => next,
+            Err(e) => {
+                self.set_rejected_inputs(read);
+                return Err(ReloadError::Invalid(e));
+            }
+        };
+        self.set_rejected_inputs(Default::default());
+        if next.hash == current.hash {
+            // A file changed and changed back while it was read.
+            return Ok(unchanged);
+        }
 
         // Bind what is new or moved before anything changes.
         let mut fresh = Vec::new();
@@ -261,11 +288,36 @@ impl Shared {
                 self.spawn_listener(&mut bound, listener, spec);
             }
         }
-        tracing::info!(file = %path.display(), hash = format!("{:016x}", loaded.hash), "configuration reloaded");
+        let hash = self.snapshot.load().hash;
+        tracing::info!(file = %path.display(), hash = format!("{hash:016x}"), "configuration reloaded");
         Ok(Reloaded {
             changed: true,
-            hash: loaded.hash,
+            hash,
         })
+    }
+
+    fn set_rejected_inputs(&self, read: Arc<Inputs>) {
+        *self
+            .rejected_inputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = read;
+    }
+
+    /// The files the config watcher stats besides the config file, each
+    /// with its stamp when it was read: those of the live snapshot, and
+    /// those a rejected reload tried.
+    fn watched_inputs(&self) -> Vec<(PathBuf, Option<inputs::Stamp>)> {
+        let live = self.snapshot.load_full();
+        let rejected = self
+            .rejected_inputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        live.inputs
+            .stamps()
+            .chain(rejected.stamps())
+            .map(|(p, s)| (p.to_path_buf(), s))
+            .collect()
     }
 
     /// Starts serving the admin API on `listener`.
@@ -467,6 +519,7 @@ pub async fn start_with(
         started_at: SystemTime::now(),
         started: Instant::now(),
         usage: Default::default(),
+        rejected_inputs: Default::default(),
     });
     tokio::spawn(crate::metrics::usage::run(Arc::downgrade(&shared)));
     // The admin listener first: `/readyz` answers (not ready) during start-up.
@@ -1348,16 +1401,16 @@ async fn park_wait(activity: &Activity, after: Option<Duration>, again: bool) {
     idle_wait(activity, Some(after)).await
 }
 
-/// Polls the config file (through symlinks, so editors' rename-on-save and
-/// Kubernetes ConfigMap swaps are seen) and reloads when it changes.
+/// Polls the config file and the files it names (through symlinks, so
+/// editors' rename-on-save and Kubernetes ConfigMap and Secret swaps are
+/// seen) and reloads when one of them changes. A file missing for a moment
+/// (being replaced) is looked at again on the next tick.
 async fn watch_config(shared: Arc<Shared>, path: PathBuf) {
-    use std::os::unix::fs::MetadataExt;
-    let stamp = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.ino(), m.dev(), m.len(), m.mtime(), m.mtime_nsec()))
-    };
-    let mut last = stamp(&path);
+    // What was last seen of each watched file. A file not seen yet (named
+    // by a snapshot compiled since) is compared with its stamp when it was
+    // read, so a change between that read and now is not missed.
+    let mut seen: HashMap<PathBuf, Option<inputs::Stamp>> = HashMap::new();
+    seen.insert(path.clone(), inputs::stamp(&path));
     let mut shutdown = shared.phase.subscribe();
     loop {
         tokio::select! {
@@ -1367,11 +1420,24 @@ async fn watch_config(shared: Arc<Shared>, path: PathBuf) {
         if !shared.snapshot.load().watch_config {
             continue;
         }
-        let now = stamp(&path);
-        if now != last && now.is_some() {
-            last = now;
+        // The config file is always in `seen`: its stamp when read is unused.
+        let watched = std::iter::once((path.clone(), None)).chain(shared.watched_inputs());
+        let mut changed = None;
+        let mut next = HashMap::with_capacity(seen.len());
+        for (file, when_read) in watched {
+            let before = seen.get(&file).copied().unwrap_or(when_read);
+            let now = inputs::stamp(&file);
+            if now.is_some() && now != before {
+                changed.get_or_insert_with(|| file.clone());
+                next.insert(file, now);
+            } else {
+                next.insert(file, before);
+            }
+        }
+        seen = next;
+        if let Some(file) = changed {
             if let Err(e) = shared.reload() {
-                tracing::error!("config file changed but the reload was rejected; the previous configuration keeps serving:\n{e}");
+                tracing::error!("{} changed but the reload was rejected; the previous configuration keeps serving:\n{e}", file.display());
             }
         }
     }

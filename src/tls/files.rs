@@ -1,8 +1,10 @@
 //! Reading certificates, keys and CA bundles from PEM files, with errors
-//! that name the file and say what is wrong; and [`Stamps`], the cheap
-//! change detection used to reload them.
+//! that name the file and say what is wrong (read through
+//! `config::inputs::read`, so a compile records them); and [`Stamps`], the
+//! cheap change detection used to reload them.
 
 use super::TlsError;
+use crate::config::inputs::{stamp, Stamp};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
@@ -29,7 +31,7 @@ pub struct Reader {
 
 impl Reader {
     pub fn read(&mut self, key: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
-        let bytes = std::fs::read(path).map_err(|e| {
+        let bytes = crate::config::inputs::read(path).map_err(|e| {
             let why = match e.kind() {
                 std::io::ErrorKind::NotFound => "file not found".to_string(),
                 std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
@@ -128,30 +130,6 @@ fn pem_error(e: &pem::Error) -> String {
         pem::Error::Base64Decode(_) => "bad base64 content".into(),
         other => format!("{other:?}"),
     }
-}
-
-/// Identity of one file's current version: inode, size, modification time.
-/// Followed through symlinks, so a Kubernetes secret's symlink swap and an
-/// editor's rename-on-save both change it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    ino: u64,
-    dev: u64,
-    len: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-fn stamp(p: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(p).ok()?;
-    Some(Stamp {
-        ino: m.ino(),
-        dev: m.dev(),
-        len: m.len(),
-        mtime: m.mtime(),
-        mtime_nsec: m.mtime_nsec(),
-    })
 }
 
 /// The last seen stamps of a set of files.

@@ -549,6 +549,40 @@ async fn validate_schema_file() {
     assert_eq!(up.hits(), 1);
 }
 
+#[tokio::test]
+async fn a_changed_schema_file_applies_after_a_reload() {
+    let up = upstream::echo().await;
+    let path = temp_config(
+        "cors-validation",
+        "schema-reload",
+        &simple_config(
+            &[up.addr],
+            "",
+            "  - name: r\n    policies:\n      - validate: {json_schema_file: schemas/order.json}\n    action: {proxy: {upstream: up}}\n",
+        ),
+    );
+    let dir = path.parent().unwrap();
+    std::fs::create_dir_all(dir.join("schemas")).unwrap();
+    let schema = |max: u32| {
+        format!(
+            r#"{{"type": "object", "properties": {{"qty": {{"type": "integer", "maximum": {max}}}}}}}"#
+        )
+    };
+    std::fs::write(dir.join("schemas/order.json"), schema(10)).unwrap();
+    let gw = start_file(&path).await;
+    let post = |qty: u32| client::send(json_post(&gw.url("/o"), &format!(r#"{{"qty": {qty}}}"#)));
+    assert_eq!(post(20).await.status, 400);
+
+    // Only the schema file changes; the configuration file is not touched.
+    std::fs::write(dir.join("schemas/order.json"), schema(50)).unwrap();
+    assert_eq!(post(20).await.status, 400, "not before the reload");
+    let r = gw.running.shared.reload_checked().unwrap();
+    assert!(r.changed);
+    assert_eq!(post(20).await.status, 200);
+    assert_eq!(post(60).await.status, 400);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn validate_config_errors() {
     let path = temp_config(

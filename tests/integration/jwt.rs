@@ -685,20 +685,16 @@ routes:
     let forged = sign(Algorithm::ES384, Some("ec384"), &other, &claims());
     assert_refused(&gw, &forged, Reason::BadSignature).await;
 
-    // The JWKS file is read again by a reload (of a changed configuration
-    // file: an unchanged one is a no-op): a key removed from it is no
-    // longer accepted, even for a token verified (and cached) before.
+    // A reload reads the key files again, the configuration file itself
+    // unchanged: a key removed from the JWKS file is no longer accepted,
+    // even for a token verified (and cached) before.
     write_key_files(dir, &[&k.ec384.jwk]);
-    gw.running.shared.reload().expect("reload");
-    assert_eq!(call(&gw, Some(&ed)).await.status, 200, "unchanged file");
-    std::fs::write(&path, format!("{yaml}# keys rotated\n")).unwrap();
     gw.running.shared.reload().expect("reload");
     assert_refused(&gw, &ed, Reason::UnknownKid).await;
     assert_eq!(call(&gw, Some(&ec384)).await.status, 200);
 
     // A key file that cannot be used is a located configuration error.
     std::fs::write(dir.join("keys/rsa-spki.pem"), "not a PEM").unwrap();
-    std::fs::write(&path, format!("{yaml}# bad key\n")).unwrap();
     let e = gw.running.shared.reload().unwrap_err().to_string();
     assert!(
         e.contains("auth.jwt_issuers[0].keys[0].pem_file: not a PEM document"),
@@ -972,6 +968,140 @@ async fn config_errors_name_their_keys() {
         assert!(got.contains(want), "want {want}\ngot {got}");
     }
     assert_eq!(config_errors(&base), "");
+}
+
+/// An issuer `main` whose only keys are the JWKS file `keys/jwks.json`
+/// (next to the configuration file), a route `api` proxying to `up`.
+fn jwks_file_config(up: std::net::SocketAddr) -> String {
+    format!(
+        r#"listeners:
+  - name: main
+    address: 127.0.0.1:0
+upstreams:
+  - name: up
+    targets: [{{address: "{up}"}}]
+auth:
+  jwt_issuers:
+    - name: main
+      issuer: {ISS}
+      algorithms: [RS256]
+      jwks_file: keys/jwks.json
+routes:
+  - name: api
+    policies:
+      - auth: {{methods: [{{jwt: {{issuers: [main]}}}}]}}
+    action: {{proxy: {{upstream: up}}}}
+"#
+    )
+}
+
+/// Writes `keys/jwks.json` in `dir` as a secret volume or `mv` would: a
+/// new file renamed over the old one.
+fn write_jwks(dir: &std::path::Path, keys: &[&Value]) {
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    let tmp = dir.join("keys/.jwks.json.tmp");
+    std::fs::write(&tmp, json!({ "keys": keys }).to_string()).unwrap();
+    std::fs::rename(&tmp, dir.join("keys/jwks.json")).unwrap();
+}
+
+fn issuer_of(gw: &super::support::TestGateway) -> Arc<portico::auth::jwt::Issuer> {
+    gw.running.shared.snapshot.load().jwt_issuers.list[0].clone()
+}
+
+#[tokio::test]
+async fn a_reload_reads_a_rotated_jwks_file_and_forgets_tokens_of_the_old_key() {
+    let k = keys();
+    let up = upstream::echo().await;
+    let path = super::support::temp_config("jwt", "rotate-reload", &jwks_file_config(up.addr));
+    let dir = path.parent().unwrap();
+    write_jwks(dir, &[&k.rsa.jwk]);
+    let gw = super::support::start_file(&path).await;
+    let old = rs256("rsa-1", &claims());
+    assert_eq!(call(&gw, Some(&old)).await.status, 200);
+    assert_eq!(issuer_of(&gw).cache.len(), 1, "the token is cached");
+    let hash = gw.running.shared.snapshot.load().hash;
+
+    // The same kid now names another key; the configuration file is not
+    // touched.
+    let mut rotated = k.rsa2.jwk.clone();
+    rotated["kid"] = "rsa-1".into();
+    write_jwks(dir, &[&rotated]);
+    let r = gw.running.shared.reload_checked().expect("reload");
+    assert!(r.changed, "a changed key file is a changed configuration");
+    assert_ne!(r.hash, hash);
+    assert_eq!(gw.running.shared.snapshot.load().hash, r.hash);
+    assert_eq!(issuer_of(&gw).cache.len(), 0, "the issuer starts over");
+
+    // The token verified (and cached) with the old key is checked again,
+    // against the new key: refused.
+    assert_refused(&gw, &old, Reason::BadSignature).await;
+    let new = sign(Algorithm::RS256, Some("rsa-1"), &k.rsa2.sign, &claims());
+    assert_eq!(call(&gw, Some(&new)).await.status, 200);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_reload_with_unchanged_key_files_keeps_the_issuer_and_its_cache() {
+    let k = keys();
+    let up = upstream::echo().await;
+    let yaml = jwks_file_config(up.addr);
+    let path = super::support::temp_config("jwt", "unchanged-files", &yaml);
+    let dir = path.parent().unwrap();
+    write_jwks(dir, &[&k.rsa.jwk]);
+    let gw = super::support::start_file(&path).await;
+    let t = rs256("rsa-1", &claims());
+    assert_eq!(call(&gw, Some(&t)).await.status, 200);
+    let before = issuer_of(&gw);
+    let hash = gw.running.shared.snapshot.load().hash;
+
+    // Nothing changed, or the key file was rewritten with the same keys
+    // (a new inode and modification time, the same contents): a no-op.
+    for what in ["nothing changed", "same contents rewritten"] {
+        if what != "nothing changed" {
+            write_jwks(dir, &[&k.rsa.jwk]);
+        }
+        let r = gw.running.shared.reload_checked().expect("reload");
+        assert!(!r.changed, "{what}");
+        assert_eq!(r.hash, hash, "{what}");
+        assert!(Arc::ptr_eq(&before, &issuer_of(&gw)), "{what}");
+        assert_eq!(before.cache.len(), 1, "{what}");
+    }
+
+    // The configuration file changed but not the issuer or its key file:
+    // a new snapshot, the same issuer with its keys and cache.
+    std::fs::write(&path, format!("{yaml}# touched\n")).unwrap();
+    let r = gw.running.shared.reload_checked().expect("reload");
+    assert!(r.changed);
+    assert_ne!(r.hash, hash);
+    assert!(Arc::ptr_eq(&before, &issuer_of(&gw)));
+    assert_eq!(before.cache.len(), 1);
+    assert_eq!(call(&gw, Some(&t)).await.status, 200);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_config_watcher_applies_a_rotated_jwks_file() {
+    let k = keys();
+    let up = upstream::echo().await;
+    let path = super::support::temp_config("jwt", "rotate-watch", &jwks_file_config(up.addr));
+    let dir = path.parent().unwrap();
+    write_jwks(dir, &[&k.rsa.jwk]);
+    let gw = super::support::start_file(&path).await;
+    portico::server::watch(&gw.running);
+    let old = rs256("rsa-1", &claims());
+    assert_eq!(call(&gw, Some(&old)).await.status, 200);
+    let hash = gw.running.shared.snapshot.load().hash;
+
+    // Only the key file changes (`watch_config` is on by default).
+    write_jwks(dir, &[&k.rsa2.jwk]);
+    let reloaded = eventually(Duration::from_secs(10), || {
+        gw.running.shared.snapshot.load().hash != hash
+    });
+    assert!(reloaded.await, "the watcher reloaded the changed key file");
+    assert_refused(&gw, &old, Reason::UnknownKid).await;
+    let new = sign(Algorithm::RS256, Some("rsa-2"), &k.rsa2.sign, &claims());
+    assert_eq!(call(&gw, Some(&new)).await.status, 200);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]

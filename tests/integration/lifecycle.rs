@@ -3,7 +3,7 @@
 use super::support::client;
 use super::support::conn::RawConn;
 use super::support::upstream;
-use super::support::{start_file, temp_config};
+use super::support::{eventually, start_file, temp_config};
 use std::time::{Duration, Instant};
 
 fn config(upstream: std::net::SocketAddr, answer: &str) -> String {
@@ -40,6 +40,56 @@ async fn reload_swaps_routes_keeps_pools_and_rejects_bad_configs() {
     let err = gw.running.shared.reload().unwrap_err();
     assert!(err.contains("routes[1].action.proxy.upstream"), "{err}");
     assert_eq!(client::get(&gw.url("/fixed")).await.text(), "two");
+}
+
+/// Replaces `path` at once (a new file renamed over it), so a watcher
+/// never sees it half-written.
+fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// One route `r` answering `answer`, after a `validate` step with a schema
+/// file when `schema` names one.
+fn named_file_config(answer: &str, schema: Option<&str>) -> String {
+    let policies = schema.map_or(String::new(), |f| {
+        format!("    policies:\n      - validate: {{json_schema_file: {f}}}\n")
+    });
+    format!(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\nroutes:\n  - name: r\n{policies}    action: {{respond: {{status: 200, body: {answer}}}}}\n"
+    )
+}
+
+#[tokio::test]
+async fn the_watcher_retries_a_rejected_reload_when_its_missing_file_arrives() {
+    let path = temp_config(
+        "lifecycle",
+        "missing-file",
+        &named_file_config("before", None),
+    );
+    let gw = start_file(&path).await;
+    portico::server::watch(&gw.running);
+    let shared = gw.running.shared.clone();
+    assert_eq!(client::get(&gw.url("/")).await.text(), "before");
+
+    // The configuration now names a file that is not there yet (a
+    // ConfigMap updated before the Secret it refers to): rejected.
+    write_atomically(&path, &named_file_config("after", Some("schema.json")));
+    let rejected = eventually(Duration::from_secs(10), || shared.metrics.reloads().1 == 1);
+    assert!(rejected.await, "the watcher tried the new configuration");
+    assert_eq!(client::get(&gw.url("/")).await.text(), "before");
+
+    // The file arrives, the configuration file unchanged: the watcher
+    // tries again, and this time the reload goes through.
+    let schema = path.parent().unwrap().join("schema.json");
+    write_atomically(&schema, r#"{"type": "object"}"#);
+    let applied = eventually(Duration::from_secs(10), || shared.metrics.reloads().0 == 1);
+    assert!(applied.await, "the watcher reloaded once the file arrived");
+    assert_eq!(client::get(&gw.url("/")).await.text(), "after");
+    assert!(shared.snapshot.load().inputs.paths().any(|p| p == schema));
+    assert_eq!(shared.metrics.reloads().1, 1, "rejected once");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[tokio::test]

@@ -489,6 +489,42 @@ async fn reloads_are_counted_and_post_reload_reports_validation_errors() {
 }
 
 #[tokio::test]
+async fn the_config_hash_covers_the_files_the_configuration_names() {
+    let path = temp_config(
+        "obs",
+        "hash-files",
+        "listeners:\n  - name: main\n    address: 127.0.0.1:0\nadmin:\n  address: 127.0.0.1:0\nroutes:\n  - name: r\n    policies:\n      - validate: {json_schema_file: schema.json}\n    action: {respond: {status: 200}}\n",
+    );
+    let schema = path.parent().unwrap().join("schema.json");
+    std::fs::write(&schema, r#"{"type": "object"}"#).unwrap();
+    let gw = start_file(&path).await;
+    let admin = gw.running.admin_addr();
+    let status = admin_get(admin, "/status", None).await.json();
+    assert_eq!(
+        status["config"]["files"],
+        serde_json::json!([schema.display().to_string()])
+    );
+    let first = status["config"]["hash"].as_str().unwrap().to_string();
+
+    // Only the named file changes: `POST /reload` reads it, the hash moves.
+    std::fs::write(&schema, r#"{"type": "array"}"#).unwrap();
+    let r = admin_request(admin, "POST", "/reload", None, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["changed"], true);
+    let second = r.json()["config"]["hash"].as_str().unwrap().to_string();
+    assert_ne!(second, first);
+    let m = scrape(admin, None).await;
+    assert_eq!(m.value("portico_config_info", &[("hash", &second)]), 1.0);
+    assert_eq!(m.find("portico_config_info", &[("hash", &first)]), None);
+
+    // Nothing changed since: a no-op with the same hash.
+    let r = admin_request(admin, "POST", "/reload", None, &[]).await;
+    assert_eq!(r.json()["changed"], false);
+    assert_eq!(r.json()["config"]["hash"], second.as_str());
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[tokio::test]
 async fn admin_token_is_required_except_for_probes() {
     let up = upstream::fixed(200, "ok").await;
     let gw = gateway(&routes_config(

@@ -4,7 +4,7 @@
 //! temporary directory.
 
 use super::support::tls::{self as t, ClientOpts, Pki, H1};
-use super::support::{client, eventually, gateway, upstream};
+use super::support::{client, eventually, gateway, start_file, temp_config, upstream};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -384,6 +384,54 @@ async fn rotated_certificates_serve_new_connections_and_spare_established_ones()
         .await
         .unwrap();
     assert_eq!(t::peer_cert(&s), second.der);
+}
+
+#[tokio::test]
+async fn a_reload_reads_rotated_certificates_and_keeps_an_unchanged_terminator() {
+    let pki = Pki::new("Reload CA");
+    let first = pki.issue("site", "site-v1", &["reload.test"]);
+    let up = upstream::fixed(200, "ok").await;
+    let tls = format!("      certificates:\n{}", cert_item(&first, ""));
+    let path = temp_config("tls", "reload", &tls_config(&tls, "", up.addr));
+    let gw = start_file(&path).await;
+    let shared = &gw.running.shared;
+    let terminator = || {
+        let snap = shared.snapshot.load();
+        let spec = &snap.listener("main").unwrap().spec;
+        spec.tls.terminator.clone().unwrap()
+    };
+    let before = terminator();
+    let snap = shared.snapshot.load_full();
+    let files: Vec<_> = snap
+        .inputs
+        .paths()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut named = vec![first.cert_path.clone(), first.key_path.clone()];
+    named.sort();
+    assert_eq!(files, named, "the files the hash covers, in path order");
+    let hash = snap.hash;
+    drop(snap);
+
+    // Nothing changed: the terminator (its sessions, its file watcher) is
+    // kept.
+    let r = shared.reload_checked().unwrap();
+    assert!(!r.changed);
+    assert!(std::sync::Arc::ptr_eq(&before, &terminator()));
+
+    // New files under the same names: a reload reads them (whether or not
+    // the terminator's own watcher saw them first) and counts as a change.
+    let second = pki.issue("site", "site-v2", &["reload.test"]);
+    let r = shared.reload_checked().unwrap();
+    assert!(r.changed);
+    assert_ne!(r.hash, hash);
+    assert!(!std::sync::Arc::ptr_eq(&before, &terminator()));
+    let s = t::connect(gw.addr(), Some("reload.test"), &ClientOpts::default())
+        .await
+        .unwrap();
+    assert_eq!(t::peer_cert(&s), second.der);
+    let r = H1::over(s).await.get("reload.test", "/", &[]).await;
+    assert_eq!(r.status, 200);
 }
 
 /// Waits (bounded) until new connections are served `leaf`.

@@ -212,7 +212,7 @@ fn compile_one(
             let path = base.join(f);
             (
                 format!("{kp}.pem_file"),
-                std::fs::read(&path)
+                crate::config::inputs::read(&path)
                     .map_err(|x| format!("cannot read {}: {x}", path.display()))
                     .and_then(|b| Key::from_pem(kid, &b)),
             )
@@ -237,7 +237,7 @@ fn compile_one(
     }
     if let Some(f) = &cfg.jwks_file {
         let path = base.join(f);
-        match std::fs::read(&path)
+        match crate::config::inputs::read(&path)
             .map_err(|x| format!("cannot read {}: {x}", path.display()))
             .and_then(|b| parse_jwks(&b))
         {
