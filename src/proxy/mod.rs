@@ -11,6 +11,13 @@
 //! request; after sending, only requests without a body and with an
 //! idempotent method are retried, on the configured statuses and errors.
 //! Every retry is paid from the upstream's retry budget.
+//!
+//! An HTTP/2 upstream may also say that it did not process a request: a
+//! stream above the `last_stream_id` of its GOAWAY, or one it reset with
+//! `REFUSED_STREAM` (RFC 9113 §6.8, §8.7). Such a request is re-sent like a
+//! never-written one, whatever its method, when it has no body, and a
+//! refusal counts against neither the target's health nor the upstream's
+//! protections.
 
 pub mod forward;
 pub mod rewrite;
@@ -73,8 +80,71 @@ impl Drop for TunnelGuard {
 }
 
 /// Free re-sends when a pooled connection closed before our request was
-/// written (the keep-alive race); these do not use the retry budget.
+/// written (the keep-alive race), or an HTTP/2 upstream refused it
+/// unprocessed ([`Refusal`]); these do not use the retry budget.
 const MAX_UNSENT_RESENDS: u32 = 3;
+
+/// How an HTTP/2 upstream said it did not process a request, so that it may
+/// be sent again whatever its method (RFC 9113 §6.8, §8.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The stream was above the `last_stream_id` of the upstream's GOAWAY
+    /// (graceful, as nginx sends after `keepalive_requests`, or not).
+    GoAway,
+    /// The upstream reset the stream with `REFUSED_STREAM`.
+    RefusedStream,
+}
+
+impl Refusal {
+    /// The refusal in an error's source chain (hyper's error wraps h2's).
+    ///
+    /// h2 (0.4) fails a stream with the peer's GOAWAY (`is_go_away`,
+    /// `is_remote`) only when the stream is above the frame's
+    /// `last_stream_id` (`Streams::recv_go_away`), or when the request is
+    /// started after the GOAWAY arrived (`send_request` fails, nothing is
+    /// written). Streams at or below it keep running, and if the
+    /// connection then breaks they fail with an I/O or a local error, never
+    /// this one. `REFUSED_STREAM` counts only as the peer's reset. Errors
+    /// of our side (`is_remote` false) are never refusals.
+    ///
+    /// One gap is hyper's: a GOAWAY processed between its dispatch task's
+    /// `send_request` and the `poll_ready` right after it fails that request
+    /// with the same error although its stream was opened, so with a
+    /// GOAWAY whose `last_stream_id` covers it (a shutdown notice's
+    /// 2^31-1) it may still be processed. The window is microseconds wide.
+    fn of(mut e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+        loop {
+            if let Some(h) = e.downcast_ref::<h2::Error>() {
+                return if !h.is_remote() {
+                    None
+                } else if h.is_go_away() {
+                    Some(Refusal::GoAway)
+                } else if h.is_reset() && h.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    Some(Refusal::RefusedStream)
+                } else {
+                    None
+                };
+            }
+            e = e.source()?;
+        }
+    }
+
+    /// What the upstream sent, for messages and span errors.
+    fn frame(self) -> &'static str {
+        match self {
+            Refusal::GoAway => "GOAWAY",
+            Refusal::RefusedStream => "REFUSED_STREAM",
+        }
+    }
+
+    /// The `error.type` of an attempt's span when the request is re-sent.
+    fn span_error(self) -> &'static str {
+        match self {
+            Refusal::GoAway => "http2_goaway_unprocessed",
+            Refusal::RefusedStream => "http2_refused_stream",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostHeader {
@@ -280,7 +350,6 @@ impl ProxyAction {
             }
             other => (other, None),
         };
-        let replayable = http_body::Body::is_end_stream(&body) && idempotent(&parts.method);
         let out = Outgoing {
             method: parts.method,
             uri: parts.uri,
@@ -300,7 +369,7 @@ impl ProxyAction {
         let trace = ctx.trace.as_ref();
         let last = &mut ctx.upstream;
         let started_ms = self.started_ms();
-        let exchange = self.exchange(out, body, done, key, replayable, upgrade, last, trace);
+        let exchange = self.exchange(out, body, done, key, upgrade, last, trace);
         let result = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
                 .await
@@ -369,7 +438,8 @@ impl ProxyAction {
     }
 
     /// Reports the exchange's result to the circuit breaker and its latency
-    /// to the adaptive limit.
+    /// to the adaptive limit (which samples answers and timeouts only, so a
+    /// refusal never reaches it).
     fn protect(
         &self,
         result: &Result<(Response<Incoming>, Lease), GatewayError>,
@@ -384,6 +454,9 @@ impl ProxyAction {
         if let (Some(t), Some(b)) = (ticket, &up.breaker) {
             let failed = match (status, kind) {
                 (Some(s), _) => Some(b.is_failure_status(s)),
+                // Refused unprocessed (HTTP/2 GOAWAY, REFUSED_STREAM): the
+                // upstream turned the request away, it did not fail it.
+                (None, _) if result.as_ref().is_err_and(|e| Refusal::of(e).is_some()) => None,
                 (None, Some(k)) => (k.source() == crate::error::ErrorSource::Upstream
                     || k == ErrorKind::NoHealthyTarget)
                     .then_some(true),
@@ -437,7 +510,6 @@ impl ProxyAction {
         );
         headers.insert(X_REQUEST_ID.clone(), ctx.request_id.clone());
         let body = Body::full(body);
-        let replayable = http_body::Body::is_end_stream(&body) && idempotent(&parts.method);
         let out = Outgoing {
             method: parts.method,
             uri: parts.uri,
@@ -450,16 +522,7 @@ impl ProxyAction {
             .request
             .map(|d| tokio::time::Instant::now() + d);
         let started_ms = self.started_ms();
-        let exchange = self.exchange(
-            out,
-            body,
-            None,
-            key,
-            replayable,
-            false,
-            last,
-            ctx.trace.as_ref(),
-        );
+        let exchange = self.exchange(out, body, None, key, false, last, ctx.trace.as_ref());
         let result = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
                 .await
@@ -494,7 +557,6 @@ impl ProxyAction {
         mut body: Body,
         done: Option<Arc<BodyDone>>,
         key: Option<u64>,
-        replayable: bool,
         upgrade: bool,
         last: &mut Option<Attempt>,
         trace: Option<&crate::trace::TraceCtx>,
@@ -505,6 +567,12 @@ impl ProxyAction {
         let mut resends = 0u32;
         let retry = &self.retry;
         let can_retry = |attempt: u32| attempt < retry.attempts && up.budget.try_withdraw();
+        let bodyless = http_body::Body::is_end_stream(&body);
+        // May be retried after it was sent (per the retry policy).
+        let replayable = bodyless && idempotent(&out.method);
+        // May be re-sent if an HTTP/2 upstream refuses it unprocessed
+        // (`Refusal`), whatever the method; HTTP/1 has no such signal.
+        let refusable = bodyless && up.spec.protocol != Protocol::Http1;
         loop {
             let (index, ep) = {
                 let set = up.set.load();
@@ -559,9 +627,11 @@ impl ProxyAction {
                 lease.forbid_reuse();
             }
 
-            // Keep a copy only when a retry after sending is possible.
-            let spare =
-                (replayable && retry.after_send() && attempt < retry.attempts).then(|| out.copy());
+            // Keep a copy only when a retry after sending is possible, or a
+            // re-send after a refusal (bodyless, HTTP/2): never for a
+            // request that has a body, nor for HTTP/1 without retries.
+            let retryable = replayable && retry.after_send() && attempt < retry.attempts;
+            let spare = (retryable || refusable).then(|| out.copy());
             let out_host = out.client_host.clone();
             let req = out.into_request(body, &ep, &self.host, up.spec.protocol);
             let started = Instant::now();
@@ -634,16 +704,53 @@ impl ProxyAction {
                         }
                         return Err(e);
                     }
+                    let refused = Refusal::of(&e);
+                    if let Some(r) = refused {
+                        if r == Refusal::GoAway {
+                            lease.retire();
+                        }
+                        // Not processed: sent again from the spare copy, like
+                        // a request never written.
+                        if refusable && resends < MAX_UNSENT_RESENDS {
+                            if let Some(copy) = spare {
+                                if let Some(s) = span {
+                                    s.abandon(r.span_error());
+                                }
+                                tracing::debug!(
+                                    upstream = %up.name,
+                                    address = %ep.addr,
+                                    refused = r.frame(),
+                                    "re-sending a request the upstream refused unprocessed"
+                                );
+                                resends += 1;
+                                out = copy;
+                                body = Body::Empty;
+                                continue;
+                            }
+                        }
+                    }
                     if let Some(s) = span {
                         s.end(None, Some(ErrorKind::UpstreamProtocol));
                     }
-                    ep.health.record_failure(&up.outlier);
                     ep.metrics.error(ErrorKind::UpstreamProtocol);
-                    let e = GatewayError::new(
-                        ErrorKind::UpstreamProtocol,
-                        format!("upstream `{}` failed the exchange", up.name),
-                    )
-                    .with_cause(e);
+                    let message = match refused {
+                        // A refusal says nothing about the target's health.
+                        Some(r) if refusable => format!(
+                            "upstream `{}` refused the request unprocessed (HTTP/2 {}) after {resends} free re-sends",
+                            up.name,
+                            r.frame()
+                        ),
+                        Some(r) => format!(
+                            "upstream `{}` refused the request unprocessed (HTTP/2 {}); it has a body, so it cannot be replayed",
+                            up.name,
+                            r.frame()
+                        ),
+                        None => {
+                            ep.health.record_failure(&up.outlier);
+                            format!("upstream `{}` failed the exchange", up.name)
+                        }
+                    };
+                    let e = GatewayError::new(ErrorKind::UpstreamProtocol, message).with_cause(e);
                     (retry.on_reset, Err(e))
                 }
                 Some(Ok(resp)) => {
@@ -662,9 +769,8 @@ impl ProxyAction {
                     (retry.statuses.contains(&status.as_u16()), Ok(resp))
                 }
             };
-            // Only a replayable request (one with a spare copy) is retried
-            // after it was sent.
-            if let Some(s) = spare {
+            // Only a replayable request is retried after it was sent.
+            if let (true, Some(s)) = (retryable, spare) {
                 if wanted && can_retry(attempt) {
                     drop(outcome);
                     drop(lease);

@@ -22,10 +22,12 @@ type H1 = http1::SendRequest<Body>;
 type H2 = http2::SendRequest<Body>;
 
 /// A connection's request handle: HTTP/1.1 (one exchange at a time, pooled
-/// LIFO) or HTTP/2 (multiplexed, one shared connection per endpoint).
+/// LIFO) or HTTP/2 (multiplexed, one shared connection per endpoint, with
+/// its number in the endpoint's pool so that [`Lease::retire`] retires that
+/// connection and no later one).
 pub enum Sender {
     H1(H1),
-    H2(H2),
+    H2(H2, u64),
 }
 
 impl Sender {
@@ -37,7 +39,7 @@ impl Sender {
     ) -> Result<Response<Incoming>, TrySendError<Request<Body>>> {
         match self {
             Sender::H1(s) => s.try_send_request(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
+            Sender::H2(s, _) => s.try_send_request(req).await,
         }
     }
 }
@@ -47,11 +49,19 @@ struct Idle {
     since: Instant,
 }
 
+/// The endpoint's HTTP/2 connection: the one every request uses while it
+/// is open and not retired, numbered (1, 2, ...) as connections are made.
+#[derive(Default)]
+struct Shared {
+    tx: Option<H2>,
+    id: u64,
+}
+
 pub struct Pool {
     protocol: Protocol,
     idle: Mutex<Vec<Idle>>,
     /// The shared HTTP/2 connection (h2 and h2c upstreams).
-    shared: Mutex<Option<H2>>,
+    shared: Mutex<Shared>,
     /// Held while an HTTP/2 connection is being made, so that concurrent
     /// first requests share one connection instead of racing to open many.
     connecting: tokio::sync::Mutex<()>,
@@ -67,7 +77,7 @@ impl Pool {
     pub fn new(protocol: Protocol, max_idle: usize, idle_timeout: Duration) -> Pool {
         Pool {
             protocol,
-            shared: Mutex::new(None),
+            shared: Mutex::new(Shared::default()),
             connecting: tokio::sync::Mutex::new(()),
             idle: Mutex::new(Vec::new()),
             max_idle,
@@ -115,6 +125,17 @@ impl Pool {
             g.clear();
         }
     }
+
+    /// No new request goes to HTTP/2 connection `id` (it received GOAWAY);
+    /// the next checkout makes a new one. Its streams in flight finish on
+    /// it. A later connection is left alone.
+    fn retire_h2(&self, id: u64) {
+        if let Ok(mut g) = self.shared.lock() {
+            if g.id == id {
+                g.tx = None;
+            }
+        }
+    }
 }
 
 /// Takes an idle connection to `ep` or opens a new one.
@@ -155,30 +176,37 @@ pub async fn checkout(
 }
 
 /// HTTP/2: every request shares the endpoint's one connection; a new one is
-/// made when there is none or it closed.
+/// made when there is none, it closed, or it was retired.
+///
+/// A connection that received GOAWAY is not seen as closed by hyper
+/// (`SendRequest::is_closed` and `is_ready` keep saying open) until a new
+/// request is tried on it, which comes back unsent, or until its last
+/// stream ends; so the exchange retires it as soon as one of its streams is
+/// refused by the GOAWAY ([`Lease::retire`]).
 async fn checkout_h2(
     ep: &Arc<Endpoint>,
     connect_timeout: Option<Duration>,
 ) -> Result<Lease, GatewayError> {
     let current = || {
-        ep.pool
-            .shared
-            .lock()
-            .ok()
-            .and_then(|g| g.as_ref().filter(|s| !s.is_closed()).cloned())
+        let g = ep.pool.shared.lock().ok()?;
+        let tx = g.tx.as_ref().filter(|s| !s.is_closed())?;
+        Some(Sender::H2(tx.clone(), g.id))
     };
     if let Some(tx) = current() {
-        return Ok(Lease::new(Sender::H2(tx), ep.clone()));
+        return Ok(Lease::new(tx, ep.clone()));
     }
     let _connecting = ep.pool.connecting.lock().await;
     if let Some(tx) = current() {
-        return Ok(Lease::new(Sender::H2(tx), ep.clone()));
+        return Ok(Lease::new(tx, ep.clone()));
     }
     let tx = Box::pin(connect_h2(ep, connect_timeout)).await?;
+    let mut id = 0;
     if let Ok(mut g) = ep.pool.shared.lock() {
-        *g = Some(tx.clone());
+        g.id += 1;
+        g.tx = Some(tx.clone());
+        id = g.id;
     }
-    Ok(Lease::new(Sender::H2(tx), ep.clone()))
+    Ok(Lease::new(Sender::H2(tx, id), ep.clone()))
 }
 
 /// Connects to `ep`: TCP, then TLS when the upstream uses it (the
@@ -286,7 +314,15 @@ impl Lease {
     }
 
     pub fn is_http2(&self) -> bool {
-        matches!(self.tx, Some(Sender::H2(_)))
+        matches!(self.tx, Some(Sender::H2(..)))
+    }
+
+    /// The connection received GOAWAY: the endpoint's pool stops handing
+    /// it out (HTTP/2 only; requests in flight on it finish there).
+    pub fn retire(&self) {
+        if let Some(Sender::H2(_, id)) = &self.tx {
+            self.ep.pool.retire_h2(*id);
+        }
     }
 
     /// The exchange completed: the connection goes back to the pool if it can.

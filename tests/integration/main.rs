@@ -35,6 +35,7 @@ mod grpc;
 mod hardening_h2;
 mod hardening_http;
 mod http2;
+mod http2_refusal;
 mod introspection;
 mod jwt;
 mod lifecycle;

@@ -1,5 +1,7 @@
 //! HTTP/2 by hand: frames written byte by byte, for abuse a real client
-//! would never send (rapid reset, CONTINUATION floods).
+//! would never send (rapid reset, CONTINUATION floods), and for upstreams
+//! that do what a library server will not on cue (GOAWAY with a chosen
+//! `last_stream_id`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,13 +12,17 @@ pub const DATA: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
 pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
+pub const PING: u8 = 0x6;
 pub const GOAWAY: u8 = 0x7;
 pub const CONTINUATION: u8 = 0x9;
 
 pub const END_STREAM: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
+/// SETTINGS and PING acknowledgement.
+pub const ACK: u8 = 0x1;
 
 /// RST_STREAM / GOAWAY error codes (RFC 9113 §7).
+pub const NO_ERROR: u32 = 0x0;
 pub const CANCEL: u32 = 0x8;
 pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 
@@ -49,6 +55,20 @@ pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
     v.extend_from_slice(payload);
     v
+}
+
+/// A GOAWAY frame: the last stream the sender processes, and the error code.
+pub fn goaway(last_stream: u32, code: u32) -> Vec<u8> {
+    let mut p = Vec::with_capacity(8);
+    p.extend_from_slice(&(last_stream & 0x7fff_ffff).to_be_bytes());
+    p.extend_from_slice(&code.to_be_bytes());
+    frame(GOAWAY, 0, 0, &p)
+}
+
+/// A complete `200` answer to `stream`: one HEADERS frame with `:status:
+/// 200` (HPACK static index 8) that ends the stream.
+pub fn ok_response(stream: u32) -> Vec<u8> {
+    frame(HEADERS, END_HEADERS | END_STREAM, stream, &[0x88])
 }
 
 /// An HPACK block for `GET {path}` on `authority` (static-table indices and
@@ -112,6 +132,80 @@ impl RawH2 {
         .await
         .is_ok();
         (parse(&buf), closed)
+    }
+}
+
+/// The server's side of a raw HTTP/2 connection: the client's preface has
+/// been read and the server's (empty) SETTINGS sent. [`RawServer::next`]
+/// acknowledges SETTINGS and PINGs itself.
+pub struct RawServer {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    frames: std::collections::VecDeque<Frame>,
+}
+
+impl RawServer {
+    pub async fn accept(mut stream: TcpStream) -> std::io::Result<RawServer> {
+        let mut preface = [0u8; PREFACE.len()];
+        stream.read_exact(&mut preface).await?;
+        if preface != PREFACE {
+            return Err(std::io::Error::other("not an HTTP/2 connection preface"));
+        }
+        stream.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+        Ok(RawServer {
+            stream,
+            buf: Vec::new(),
+            frames: Default::default(),
+        })
+    }
+
+    /// The client's next frame; `None` once it closed the connection.
+    pub async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.frames.pop_front() {
+                // A SETTINGS acknowledgement is empty; a PING's echoes it.
+                let reply = match (f.kind, f.flags & ACK) {
+                    (SETTINGS, 0) => Some(frame(SETTINGS, ACK, 0, &[])),
+                    (PING, 0) => Some(frame(PING, ACK, 0, &f.payload)),
+                    _ => None,
+                };
+                if let Some(reply) = reply {
+                    self.stream.write_all(&reply).await.ok()?;
+                }
+                return Some(f);
+            }
+            let mut chunk = [0u8; 16384];
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+            let whole = parse(&self.buf);
+            let used: usize = whole.iter().map(|f| 9 + f.payload.len()).sum();
+            self.buf.drain(..used);
+            self.frames.extend(whole);
+        }
+    }
+
+    /// Writes `bytes`; an error means the client has closed the connection.
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Closes gracefully: ends the server's side, then reads (and drops)
+    /// what the client still sends until it closes too, at most `limit`
+    /// (closing with unread bytes would reset the connection and could
+    /// destroy frames the client has not read yet).
+    pub async fn close(mut self, limit: Duration) {
+        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(limit, async {
+            let mut chunk = [0u8; 16384];
+            while let Ok(n) = self.stream.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
