@@ -767,14 +767,7 @@ const JWT_SECRET: &str = "an-aggregate-test-hmac-secret-of-32-bytes";
 
 /// A gateway whose configuration may use `${AGG_JWT_SECRET}`.
 async fn jwt_gateway(yaml: &str) -> super::support::TestGateway {
-    let loaded = portico::config::parse_str("test.yaml", yaml, |n| {
-        (n == "AGG_JWT_SECRET").then(|| JWT_SECRET.to_string())
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    let snap = portico::snapshot::compile(&loaded, None).unwrap_or_else(|e| panic!("{e}"));
-    super::support::TestGateway {
-        running: portico::server::start(snap, None).await.unwrap(),
-    }
+    super::support::gateway_with_env(yaml, &[("AGG_JWT_SECRET", JWT_SECRET)]).await
 }
 
 fn unix_now() -> u64 {

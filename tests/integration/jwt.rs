@@ -36,14 +36,7 @@ fn b64(v: &Value) -> String {
 
 /// Starts a gateway from YAML with `${JWT_SECRET}` set.
 async fn gateway(yaml: &str) -> super::support::TestGateway {
-    let loaded = portico::config::parse_str("test.yaml", yaml, |n| {
-        (n == "JWT_SECRET").then(|| SECRET.to_string())
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    let snap = portico::snapshot::compile(&loaded, None).unwrap_or_else(|e| panic!("{e}"));
-    super::support::TestGateway {
-        running: portico::server::start(snap, None).await.unwrap(),
-    }
+    super::support::gateway_with_env(yaml, &[("JWT_SECRET", SECRET)]).await
 }
 
 /// The compile errors of a configuration (empty when it compiles).

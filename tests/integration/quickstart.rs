@@ -12,9 +12,9 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
-use std::io::BufRead;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,32 +38,8 @@ struct Process {
 
 impl Process {
     fn spawn(args: &[&str], env: &[(&str, String)]) -> Process {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portico"));
-        cmd.args(args)
-            .env("PORTICO_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("PORTICO_INHERITED_LISTENERS")
-            .env_remove("PORTICO_UPGRADE_READY_FD")
-            .env_remove("PORTICO_UPGRADE_PARENT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start portico");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        // Ends when the process exits.
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        let binary = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_portico"));
+        let (child, log) = super::support::process::spawn(binary, args, env);
         Process { child, log }
     }
 

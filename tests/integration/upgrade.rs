@@ -8,10 +8,10 @@ use super::support::upstream::{self, response};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use std::io::BufRead;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,33 +56,12 @@ struct Portico {
 
 impl Portico {
     fn spawn(binary: &Path, config: &Path, env: &[(&str, &str)]) -> Portico {
-        let mut cmd = Command::new(binary);
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .env("PORTICO_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("PORTICO_INHERITED_LISTENERS")
-            .env_remove("PORTICO_UPGRADE_READY_FD")
-            .env_remove("PORTICO_UPGRADE_PARENT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start portico");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        // Ends when every process sharing the pipe has exited.
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        let args = [
+            Path::new("run").as_os_str(),
+            Path::new("--config").as_os_str(),
+            config.as_os_str(),
+        ];
+        let (child, log) = super::support::process::spawn(binary.as_os_str(), &args, env);
         Portico {
             child,
             log,

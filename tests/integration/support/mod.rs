@@ -18,6 +18,7 @@ pub mod introspection;
 pub mod jwt;
 pub mod live;
 pub mod metrics;
+pub mod process;
 pub mod redis;
 pub mod tls;
 pub mod traffic;
@@ -64,8 +65,17 @@ impl TestGateway {
 
 /// Parses, compiles and starts a gateway. Panics with the config error.
 pub async fn gateway(yaml: &str) -> TestGateway {
-    let loaded =
-        portico::config::parse_str("test.yaml", yaml, |_| None).unwrap_or_else(|e| panic!("{e}"));
+    gateway_with_env(yaml, &[]).await
+}
+
+/// [`gateway`] with `${NAME}` interpolated from `env` (and nothing else).
+pub async fn gateway_with_env(yaml: &str, env: &[(&str, &str)]) -> TestGateway {
+    let loaded = portico::config::parse_str("test.yaml", yaml, |n| {
+        env.iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     let snap = portico::snapshot::compile(&loaded, None).unwrap_or_else(|e| panic!("{e}"));
     let running = portico::server::start(snap, None)
         .await
