@@ -898,7 +898,7 @@ impl Activity {
 
     /// How long the connection has been idle, or `None` while it is busy.
     fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 || self.head_pending.load(Ordering::Relaxed) {
+        if !self.is_idle() {
             return None;
         }
         let since = self.idle_since.load(Ordering::Relaxed);
