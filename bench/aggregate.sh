@@ -123,12 +123,14 @@ request = function()
 end
 LUA
 
-ticks() { awk '{print $14 + $15}' "/proc/$portico_pid/stat"; }
+# Portico's user and system ticks.
+ticks() { awk '{print $14 ":" $15}' "/proc/$portico_pid/stat"; }
 busy() { awk '/^cpu[0-9]/ {b=$2+$3+$4+$7+$8+$9; t=b+$5+$6; printf "%s:%d:%d ", $1, b, t}' /proc/stat; }
 to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us$/, "", v); print v/1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v); print v } else { sub(/s$/, "", v); print v*1000 } }'; }
 hz=$(getconf CLK_TCK)
 
-# run NAME CONNS PATH [LUA]: prints "NAME rps us_per_req p50_ms p99_ms errors"
+# run NAME CONNS PATH [LUA]: prints "NAME rps us_per_req (user, system) p50_ms
+# p99_ms errors"
 run() {
   local name=$1 conns=$2 path=$3 lua=${4:-}
   local args=(-t1 -c"$conns" -d"${DURATION}s" --latency)
@@ -145,7 +147,9 @@ run() {
   p99=$(to_ms "$(echo "$out" | awk '$1=="99%" {print $2}')")
   errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {n+=1} END {print n+0}')
   local us
-  us=$(awk -v d="$((t1 - t0))" -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
+  us=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v n="$reqs" 'BEGIN {
+    split(a, x, ":"); split(b, y, ":"); u = (y[1] - x[1]) / hz * 1e6 / n; s = (y[2] - x[2]) / hz * 1e6 / n
+    printf "%.2f usr_us=%.2f sys_us=%.2f", u + s, u, s }')
   # Busy share of each CPU over the run (what else ran there shows as foreign
   # load when it exceeds what Portico, nginx and wrk account for).
   local cpus
@@ -181,3 +185,4 @@ done
 ratio=$(awk -v a="$agg_us" -v p="$proxy_us" 'BEGIN {printf "%.2f", a/p}')
 echo "RESULT aggregated_cpu_us_per_req=$agg_us proxied_cpu_us_per_req=$proxy_us ratio=$ratio target_ratio<=2.00"
 echo "RESULT aggregated_p99_ms=$lat_agg slowest_call_p99_ms=$slowest target_p99_ms<=$(awk -v s="$slowest" 'BEGIN {print s+1}') rps_agg=$(field agg rps) rps_proxy=$(field proxy rps)"
+echo "RESULT aggregated_usr_us=$(field agg usr_us) aggregated_sys_us=$(field agg sys_us) proxied_usr_us=$(field proxy usr_us) proxied_sys_us=$(field proxy sys_us)"

@@ -9,7 +9,7 @@ use super::template::{self, JsonT, Names, Template};
 use super::{AggregateAction, Call};
 use crate::config::model;
 use crate::proxy::ProxyAction;
-use http::{HeaderName, Method};
+use http::{HeaderName, Method, Uri};
 use std::sync::Arc;
 
 /// Errors as (key path, message).
@@ -240,6 +240,10 @@ fn compile_call(
         name: Arc::from(c.name.as_str()),
         proxy: px?,
         method: method?,
+        static_uri: match (&path, query.is_empty()) {
+            (Some(p), true) if p.vars().next().is_none() => Uri::try_from(p.sample()).ok(),
+            _ => None,
+        },
         path: path?,
         query,
         headers,

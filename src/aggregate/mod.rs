@@ -17,6 +17,7 @@
 //! optional one leaves its fallback (if any) and an entry in `_errors`.
 
 pub mod compile;
+pub mod doc;
 pub mod shape;
 pub mod share;
 pub mod template;
@@ -27,6 +28,7 @@ use crate::outcome::Attempt;
 use crate::policy::Ctx;
 use crate::proxy::ProxyAction;
 use bytes::Bytes;
+use doc::Node;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Method, Request, Response, Uri};
@@ -34,6 +36,7 @@ use http_body_util::BodyExt;
 use serde_json::{Map, Value};
 use shape::{Fields, Path, Shape};
 use share::{Cache, Flights, Join, Shared};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +64,8 @@ pub struct Call {
     pub proxy: ProxyAction,
     pub method: Method,
     pub path: Template,
+    /// The path and query when no template varies them (parsed once).
+    pub static_uri: Option<Uri>,
     /// Percent-encoded name → value template.
     pub query: Vec<(String, Template)>,
     pub headers: Vec<(HeaderName, Template)>,
@@ -112,7 +117,7 @@ struct Built {
 }
 
 /// A settled call: its shaped result, or why it failed.
-type Settled = Result<Value, Failure>;
+type Settled = Result<Node, Failure>;
 
 impl AggregateAction {
     pub async fn run(
@@ -239,25 +244,43 @@ impl AggregateAction {
         raw: &mut [Option<Arc<Value>>],
     ) -> Result<(), GatewayError> {
         let call = &self.calls[i];
-        let result = outcome.and_then(|v| {
-            if call.referenced {
+        let result = outcome.and_then(|text| {
+            let failed = |r| Failure::new(ErrorKind::UpstreamProtocol, r);
+            // A tree only when templates read the answer or the shape
+            // needs one; otherwise the text is placed as it is ([`doc`]).
+            let merge = call.group.is_none();
+            let place = || {
+                doc::place(
+                    &text,
+                    call.shape.target.as_ref(),
+                    call.shape.collection,
+                    merge,
+                )
+                .map_err(failed)
+            };
+            if !call.referenced && !call.shape.needs_tree() {
+                return place();
+            }
+            let v: Value =
+                serde_json::from_slice(&text).map_err(|e| failed(format!("invalid JSON: {e}")))?;
+            let v = if call.referenced {
+                let v = Arc::new(v);
                 raw[i] = Some(v.clone());
+                if !call.shape.needs_tree() {
+                    return place();
+                }
+                Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone())
+            } else {
+                v
+            };
+            let v = call.shape.apply(v).map_err(failed)?;
+            if merge && !matches!(v, Value::Object(_) | Value::Null) {
+                return Err(failed(format!(
+                    "answered {}, not an object: set `group` or `collection` to place it",
+                    shape::type_name(&v)
+                )));
             }
-            let v = Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone());
-            let v = call
-                .shape
-                .apply(v)
-                .map_err(|r| Failure::new(ErrorKind::UpstreamProtocol, r))?;
-            if call.group.is_none() && !matches!(v, Value::Object(_) | Value::Null) {
-                return Err(Failure::new(
-                    ErrorKind::UpstreamProtocol,
-                    format!(
-                        "answered {}, not an object: set `group` or `collection` to place it",
-                        shape::type_name(&v)
-                    ),
-                ));
-            }
-            Ok(v)
+            Ok(Node::Tree(v))
         });
         if let (Err(f), true) = (&result, call.required) {
             let kind = match f.kind {
@@ -280,8 +303,8 @@ impl AggregateAction {
         Ok(())
     }
 
-    /// Renders call `call`'s request from its templates.
-    fn build(&self, call: &Call, inp: &Inputs<'_>) -> Result<Built, Failure> {
+    /// Renders call `call`'s path and query from its templates.
+    fn uri(&self, call: &Call, inp: &Inputs<'_>) -> Result<Uri, Failure> {
         let missing = |r: String| Failure::new(ErrorKind::UpstreamProtocol, r);
         let mut pq = String::with_capacity(64);
         call.path.render(inp, Enc::Path, &mut pq).map_err(missing)?;
@@ -297,12 +320,21 @@ impl AggregateAction {
                 pq.truncate(mark);
             }
         }
-        let uri = Uri::try_from(pq).map_err(|e| {
+        Uri::try_from(pq).map_err(|e| {
             Failure::new(
                 ErrorKind::Internal,
                 format!("the path is not a valid URI: {e}"),
             )
-        })?;
+        })
+    }
+
+    /// Renders call `call`'s request from its templates.
+    fn build(&self, call: &Call, inp: &Inputs<'_>) -> Result<Built, Failure> {
+        let missing = |r: String| Failure::new(ErrorKind::UpstreamProtocol, r);
+        let uri = match &call.static_uri {
+            Some(u) => u.clone(),
+            None => self.uri(call, inp)?,
+        };
         let mut headers = HeaderMap::with_capacity(call.headers.len() + 8);
         let mut v = String::new();
         for (name, t) in &call.headers {
@@ -406,7 +438,7 @@ impl AggregateAction {
         let fetched = self.fetch(call, parts, body, ctx, total, last).await;
         let outcome = fetched.map(|(v, cc)| {
             if let (Some(c), Some(k)) = (&call.cache, key) {
-                c.put(k, v.clone(), cc.as_ref(), shared_key);
+                c.put(k, &v, cc.as_ref(), shared_key);
             }
             v
         });
@@ -425,10 +457,10 @@ impl AggregateAction {
         ctx: &Ctx,
         total: &AtomicU64,
         last: &mut Option<Attempt>,
-    ) -> Result<(Arc<Value>, Option<HeaderValue>), Failure> {
+    ) -> Result<(Bytes, Option<HeaderValue>), Failure> {
         let resp = call
             .proxy
-            .send(parts, body, ctx, last)
+            .send(parts, body, ctx, call.timeout, last)
             .await
             .map_err(|e| Failure::from_error(&e))?;
         let status = resp.status();
@@ -451,7 +483,9 @@ impl AggregateAction {
         }
         let cc = resp.headers().get(CACHE_CONTROL).cloned();
         let mut body = resp.into_body();
-        let mut buf: Vec<u8> = Vec::new();
+        // The first chunk is kept as it is; a second one starts a copy.
+        let (mut first, mut buf) = (Bytes::new(), None::<Vec<u8>>);
+        let mut len = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 Failure::new(
@@ -462,7 +496,8 @@ impl AggregateAction {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if (buf.len() + data.len()) as u64 > call.max_body {
+            len += data.len();
+            if len as u64 > call.max_body {
                 return Err(Failure::new(
                     ErrorKind::UpstreamProtocol,
                     format!("the response body is larger than {} bytes", call.max_body),
@@ -478,20 +513,35 @@ impl AggregateAction {
                     ),
                 ));
             }
-            buf.extend_from_slice(&data);
+            match &mut buf {
+                Some(b) => b.extend_from_slice(&data),
+                None if first.is_empty() => first = data,
+                None => {
+                    let mut b = Vec::with_capacity(first.len() + data.len());
+                    b.extend_from_slice(&first);
+                    b.extend_from_slice(&data);
+                    buf = Some(b);
+                }
+            }
         }
-        if buf.is_empty() {
-            return Ok((Arc::new(Value::Null), cc));
+        let text = buf.map_or(first, Bytes::from);
+        if text.is_empty() {
+            return Ok((Bytes::from_static(b"null"), cc));
         }
-        let v: Value = serde_json::from_slice(&buf)
-            .map_err(|e| Failure::new(ErrorKind::UpstreamProtocol, format!("invalid JSON: {e}")))?;
-        Ok((Arc::new(v), cc))
+        // Checked when it settles; an answer other requests may receive is
+        // checked before it is shared (and settles checked again).
+        if call.cache.is_some() || call.flights.is_some() {
+            doc::check(&text).map_err(|e| {
+                Failure::new(ErrorKind::UpstreamProtocol, format!("invalid JSON: {e}"))
+            })?;
+        }
+        Ok((text, cc))
     }
 
     /// The merged document: results in call order (a later call's
     /// top-level field wins), the sparse fieldset, `_errors`.
     fn assemble(&self, settled: Vec<Settled>, fields: Option<Fields>) -> Response<Body> {
-        let mut doc = Map::new();
+        let mut root = BTreeMap::new();
         let mut errors = Vec::new();
         for (call, s) in self.calls.iter().zip(settled) {
             let v = match s {
@@ -505,28 +555,29 @@ impl AggregateAction {
                     }
                     errors.push(Value::Object(e));
                     match &call.fallback {
-                        Some(fb) => fb.clone(),
+                        Some(fb) => Node::Tree(fb.clone()),
                         None => continue,
                     }
                 }
             };
-            match (&call.group, v) {
-                (Some(g), v) => shape::put(&mut doc, g, v),
-                (None, Value::Object(m)) => doc.extend(m),
-                // A non-object fallback without a group is refused at load;
-                // `null` adds nothing.
-                (None, _) => {}
+            match &call.group {
+                Some(g) => doc::put(&mut root, g, v),
+                // A non-object without a group is refused when settled (a
+                // fallback: at load); `null` adds nothing.
+                None => doc::merge(&mut root, v),
             }
         }
-        let mut doc = Value::Object(doc);
+        let mut doc = Node::Obj(root);
         if let Some(f) = fields {
-            f.keep(&mut doc);
+            doc.keep(&f);
         }
         let partial = !errors.is_empty();
-        if let (true, Value::Object(m)) = (partial, &mut doc) {
-            m.insert("_errors".into(), Value::Array(errors));
+        if let (true, Node::Obj(m)) = (partial, &mut doc) {
+            m.insert("_errors".into(), Node::Tree(Value::Array(errors)));
         }
-        let mut resp = Response::new(Body::full(serde_json::to_vec(&doc).unwrap_or_default()));
+        let mut out = Vec::with_capacity(doc.size_hint());
+        doc.write(&mut out);
+        let mut resp = Response::new(Body::full(out));
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if partial {

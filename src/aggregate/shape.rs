@@ -20,8 +20,8 @@ pub fn path(s: &str) -> Option<Path> {
 /// A set of dot paths as a tree: a leaf keeps everything below it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Fields {
-    leaf: bool,
-    children: BTreeMap<Box<str>, Fields>,
+    pub(super) leaf: bool,
+    pub(super) children: BTreeMap<Box<str>, Fields>,
 }
 
 impl Fields {
@@ -167,6 +167,13 @@ impl Shape {
         Ok(v)
     }
 
+    /// Whether shaping needs the value as a tree: `allow`, `deny` or
+    /// `mapping` (`target` and `collection` work on the text:
+    /// [`doc::place`]).
+    pub fn needs_tree(&self) -> bool {
+        self.allow.is_some() || !self.deny.is_empty() || !self.mapping.is_empty()
+    }
+
     fn rename(&self, v: &mut Value) {
         let mut moved = Vec::with_capacity(self.mapping.len());
         for (from, to) in &self.mapping {
@@ -196,6 +203,8 @@ pub fn type_name(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::doc;
+    use bytes::Bytes;
     use serde_json::json;
 
     fn p(s: &str) -> Path {
@@ -268,6 +277,36 @@ mod tests {
             .apply(json!({"id": 1}))
             .unwrap_err()
             .contains("expected an array"));
+    }
+
+    #[test]
+    fn placing_text_agrees_with_shaping_a_tree() {
+        let body = r#"{"data": {"items": [{"id": 1}], "user": {"id": 7}, "n": 3}}"#;
+        let text = Bytes::from_static(body.as_bytes());
+        let tree: Value = serde_json::from_str(body).unwrap();
+        for (target, collection) in [
+            (Some("data.items"), true),
+            (Some("data.user"), false),
+            (Some("data.user"), true),
+            (Some("data.items.0"), false),
+            (Some("data.missing"), false),
+            (None, false),
+            (None, true),
+        ] {
+            let s = Shape {
+                target: target.map(p),
+                collection,
+                ..Shape::default()
+            };
+            let by_tree = s.apply(tree.clone());
+            let by_text = doc::place(&text, s.target.as_ref(), collection, false).map(|n| {
+                let doc::Node::Raw(b) = n else {
+                    panic!("placed under a group: text")
+                };
+                serde_json::from_slice::<Value>(&b).unwrap()
+            });
+            assert_eq!(by_text, by_tree, "{target:?} {collection}");
+        }
     }
 
     #[test]

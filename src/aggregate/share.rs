@@ -13,8 +13,8 @@
 //! them. They belong to the compiled action: a reload starts them empty.
 
 use super::Failure;
+use bytes::Bytes;
 use http::HeaderValue;
-use serde_json::Value;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -22,8 +22,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// A call's outcome as shared with other requests.
-pub type Shared = Result<Arc<Value>, Failure>;
+/// A call's outcome as shared with other requests: the answer's JSON
+/// text, checked ([`super::doc::check`]).
+pub type Shared = Result<Bytes, Failure>;
 
 const SHARDS: usize = 8;
 
@@ -119,7 +120,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 // === impl Cache ===
 
 struct Entry {
-    value: Arc<Value>,
+    value: Bytes,
     expires: Instant,
 }
 
@@ -146,11 +147,11 @@ impl Cache {
         &self.shards[shard_of(key, self.shards.len())]
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<Arc<Value>> {
+    pub fn get(&self, key: &[u8]) -> Option<Bytes> {
         self.get_at(key, Instant::now())
     }
 
-    fn get_at(&self, key: &[u8], now: Instant) -> Option<Arc<Value>> {
+    fn get_at(&self, key: &[u8], now: Instant) -> Option<Bytes> {
         let mut map = lock(self.shard(key));
         let e = map.get(key)?;
         if e.expires > now {
@@ -161,15 +162,17 @@ impl Cache {
     }
 
     /// Stores `value` for the TTL the upstream's `Cache-Control` allows
-    /// (`shared`: the entry is not specific to one identity).
-    pub fn put(&self, key: &[u8], value: Arc<Value>, cc: Option<&HeaderValue>, shared: bool) {
+    /// (`shared`: the entry is not specific to one identity). The entry
+    /// keeps a copy: `value` may be a slice of a connection's read buffer,
+    /// which it would otherwise keep alive.
+    pub fn put(&self, key: &[u8], value: &Bytes, cc: Option<&HeaderValue>, shared: bool) {
         let Some(ttl) = ttl_for(self.ttl, cc, shared) else {
             return;
         };
-        self.put_at(key, value, ttl, Instant::now());
+        self.put_at(key, Bytes::copy_from_slice(value), ttl, Instant::now());
     }
 
-    fn put_at(&self, key: &[u8], value: Arc<Value>, ttl: Duration, now: Instant) {
+    fn put_at(&self, key: &[u8], value: Bytes, ttl: Duration, now: Instant) {
         let mut map = lock(self.shard(key));
         if map.len() >= self.per_shard && !map.contains_key(key) {
             map.retain(|_, e| e.expires > now);
@@ -241,7 +244,6 @@ pub fn ttl_for(ttl: Duration, cc: Option<&HeaderValue>, shared: bool) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn hv(s: &'static str) -> HeaderValue {
         HeaderValue::from_static(s)
@@ -284,14 +286,14 @@ mod tests {
             // Later entries expire later: the earliest are evicted.
             c.put_at(
                 &[i],
-                Arc::new(json!(i)),
+                Bytes::from(i.to_string()),
                 ttl,
                 t0 + Duration::from_secs(i.into()),
             );
         }
         assert!(c.len() <= 3, "{}", c.len());
         let now = t0 + Duration::from_secs(9);
-        assert_eq!(c.get_at(&[9], now).as_deref(), Some(&json!(9)));
+        assert_eq!(c.get_at(&[9], now).as_deref(), Some(&b"9"[..]));
         assert_eq!(c.get_at(&[0], now), None);
         assert_eq!(c.get_at(&[9], now + ttl), None, "expired");
         assert_eq!(
@@ -299,7 +301,7 @@ mod tests {
             None,
             "an expired entry is removed when seen"
         );
-        c.put(b"k", Arc::new(json!(1)), Some(&hv("no-store")), true);
+        c.put(b"k", &Bytes::from_static(b"1"), Some(&hv("no-store")), true);
         assert_eq!(c.get(b"k"), None);
     }
 
@@ -316,10 +318,10 @@ mod tests {
         let Join::Follow(rx2) = f.join(&key) else {
             panic!("third joiner follows");
         };
-        leader.finish(&Ok(Arc::new(json!({"a": 1}))));
+        leader.finish(&Ok(Bytes::from_static(br#"{"a":1}"#)));
         assert_eq!(f.len(), 0, "a finished flight leaves the table");
         let got = follow(rx1).await.unwrap().unwrap();
-        assert_eq!(*got, json!({"a": 1}));
+        assert_eq!(&got[..], br#"{"a":1}"#);
         assert!(follow(rx2).await.unwrap().is_ok());
 
         // A leader that leaves without an outcome releases its followers.

@@ -369,7 +369,16 @@ impl ProxyAction {
         let trace = ctx.trace.as_ref();
         let last = &mut ctx.upstream;
         let started_ms = self.started_ms();
-        let exchange = self.exchange(out, body, done, key, upgrade, last, trace);
+        let exchange = self.exchange(
+            out,
+            body,
+            done,
+            key,
+            upgrade,
+            self.timeouts.response_header,
+            last,
+            trace,
+        );
         let result = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
                 .await
@@ -489,11 +498,18 @@ impl ProxyAction {
     /// are set from the client's request; `last` gets the last attempt.
     /// The adaptive limit's slot travels with the response body, released
     /// when the body ends or is dropped.
+    ///
+    /// `within` is the caller's own time limit on the whole call (it reads
+    /// the body under it too): the upstream's request and response-header
+    /// timeouts only get a timer when they are shorter, since a longer one
+    /// could never fire first. The answer's headers are returned as the
+    /// upstream sent them (they are read, never forwarded).
     pub async fn send(
         &self,
         parts: http::request::Parts,
         body: bytes::Bytes,
         ctx: &Ctx,
+        within: Duration,
         last: &mut Option<Attempt>,
     ) -> Result<Response<Body>, GatewayError> {
         // Protections as for a proxied request: an open circuit or a full
@@ -517,12 +533,19 @@ impl ProxyAction {
             client_host: ctx.host_header.clone(),
         };
         self.upstream.budget.on_request();
-        let deadline = self
-            .timeouts
-            .request
-            .map(|d| tokio::time::Instant::now() + d);
+        let shorter = |t: Option<Duration>| t.filter(|t| *t < within);
+        let deadline = shorter(self.timeouts.request).map(|d| tokio::time::Instant::now() + d);
         let started_ms = self.started_ms();
-        let exchange = self.exchange(out, body, None, key, false, last, ctx.trace.as_ref());
+        let exchange = self.exchange(
+            out,
+            body,
+            None,
+            key,
+            false,
+            shorter(self.timeouts.response_header),
+            last,
+            ctx.trace.as_ref(),
+        );
         let result = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)
                 .await
@@ -538,7 +561,9 @@ impl ProxyAction {
             self.protect(&result, ticket, started_ms, *last);
         }
         let (resp, lease) = result?;
-        let resp = self.respond(resp, lease, false, (None, None), deadline);
+        let (parts, incoming) = resp.into_parts();
+        let deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        let resp = Response::from_parts(parts, Body::response(incoming, lease, deadline, false));
         Ok(match slot {
             Some(p) => resp.map(|body| {
                 Body::Held(Box::new(crate::body::Held {
@@ -558,6 +583,7 @@ impl ProxyAction {
         done: Option<Arc<BodyDone>>,
         key: Option<u64>,
         upgrade: bool,
+        header_timeout: Option<Duration>,
         last: &mut Option<Attempt>,
         trace: Option<&crate::trace::TraceCtx>,
     ) -> Result<(Response<Incoming>, Lease), GatewayError> {
@@ -638,7 +664,7 @@ impl ProxyAction {
             let sending = lease.sender().send(req);
             // The response-header timeout starts once the request is fully
             // sent: a long upload is not a slow upstream.
-            let waited = match (self.timeouts.response_header, &done) {
+            let waited = match (header_timeout, &done) {
                 (Some(t), None) => tokio::time::timeout(t, sending).await.ok(),
                 (Some(t), Some(d)) => {
                     let d = d.clone();
@@ -669,7 +695,7 @@ impl ProxyAction {
                     }
                     ep.health.record_failure(&up.outlier);
                     ep.metrics.error(ErrorKind::UpstreamTimeout);
-                    let t = self.timeouts.response_header.unwrap_or_default();
+                    let t = header_timeout.unwrap_or_default();
                     let e = GatewayError::new(
                         ErrorKind::UpstreamTimeout,
                         format!("upstream `{}` did not answer within {:?}", up.name, t),

@@ -298,6 +298,69 @@ async fn shaping_operations() {
     );
 }
 
+/// Calls that are only placed (merged, grouped, `target`, `collection`) are
+/// copied as the backend wrote them — member order, number digits, escapes —
+/// next to calls shaped as trees; their whole body is still checked.
+#[tokio::test]
+async fn placed_answers_are_copied_as_written() {
+    fn text(body: &'static str) -> Response<TestBody> {
+        let mut r = upstream::response(200, body.to_string());
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        r
+    }
+    let up = upstream::start(|req: Request<Incoming>| async move {
+        match req.uri().path() {
+            "/profile" => text("{\"zeta\": 1.10, \"alpha\": {\"z\": 1, \"a\": \"caf\\u00e9\"}, \"big\": 12345678901234567890}"),
+            "/posts" => text(" {\"cursor\": \"c2\", \"items\": [ {\"t\": \"x\", \"n\": 2}, {\"t\": \"y\", \"n\": 1} ]}\n"),
+            "/badges" => text("{\"unread\": 3e0}"),
+            "/shaped" => text("{\"beta\": {\"b\": 2}, \"keep\": 1, \"drop\": 2}"),
+            _ => text("{\"items\": [1], \"rest\": [1, }"),
+        }
+    })
+    .await;
+    let dead = upstream::closed_port().await;
+    let routes = r#"  - name: placed
+    match: {path: /placed}
+    action:
+      aggregate:
+        calls:
+          - {name: profile, upstream: up, path: /profile}
+          - {name: posts, upstream: up, path: /posts, target: items, collection: true}
+          - {name: shaped, upstream: up, path: /shaped, deny: [drop]}
+          - {name: badges, upstream: up, path: /badges, group: alpha.badges}
+          - {name: badges2, upstream: up, path: /badges, group: beta.badges}
+  - name: broken
+    match: {path: /broken}
+    action:
+      aggregate:
+        calls:
+          - {name: profile, upstream: up, path: /profile}
+          - {name: part, upstream: up, path: /broken, target: items, required: false}
+"#;
+    let gw = gateway(&config(up.addr, dead, routes)).await;
+    let r = client::get(&gw.url("/placed")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Group paths enter a copied object (`alpha`, its members then sorted)
+    // and a tree (`beta`). Top-level keys are sorted; the rest is copied.
+    assert_eq!(
+        r.text(),
+        concat!(
+            r#"{"alpha":{"a":"caf\u00e9","badges":{"unread": 3e0},"z":1},"#,
+            r#""beta":{"b":2,"badges":{"unread": 3e0}},"big":12345678901234567890,"keep":1,"#,
+            r#""posts":[ {"t": "x", "n": 2}, {"t": "y", "n": 1} ],"zeta":1.10}"#
+        )
+    );
+    // Invalid JSON outside the `target` still fails the call.
+    let r = client::get(&gw.url("/broken")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["alpha"], json!({"z": 1, "a": "café"}), "{v}");
+    assert_eq!(v["_errors"][0]["call"], "part", "{v}");
+    let reason = v["_errors"][0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("invalid JSON: "), "{reason}");
+}
+
 #[tokio::test]
 async fn sparse_fieldsets_select_within_the_document() {
     let up = upstream::start(|req: Request<Incoming>| async move {
