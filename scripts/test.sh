@@ -17,10 +17,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# The tests' files (configs, keys, sockets, logs under the temporary
+# directory, theirs and the gateway processes') go to one directory of this
+# run, removed at the end, so runs leave nothing behind in /tmp.
+TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/portico-tests.XXXXXX")
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
+
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+log="$TMPDIR/test.log"
 cargo test --all-targets 2>&1 | tee "$log"
 
 # Fuzz every target briefly (scripts/fuzz.sh; FUZZ_SECONDS per target).

@@ -458,9 +458,10 @@ impl AggregateAction {
         total: &AtomicU64,
         last: &mut Option<Attempt>,
     ) -> Result<(Bytes, Option<HeaderValue>), Failure> {
-        let resp = call
-            .proxy
-            .send(parts, body, ctx, call.timeout, last)
+        // Boxed: the exchange's state is most of a call's future, which is
+        // otherwise copied at each layer (timeout, single-flight, the set
+        // of running calls) as the call starts.
+        let resp = Box::pin(call.proxy.send(parts, body, ctx, call.timeout, last))
             .await
             .map_err(|e| Failure::from_error(&e))?;
         let status = resp.status();
