@@ -113,18 +113,34 @@ impl Portico {
         }
     }
 
-    /// The pid of the process the last completed upgrade started.
-    fn upgraded_pid(&mut self) -> u32 {
-        let log = self.log();
-        let pid = log
-            .rsplit("new_pid=")
-            .next()
-            .filter(|_| log.contains("new_pid="))
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no completed upgrade in the log:\n{log}"));
-        self.started.push(pid);
-        pid
+    /// The pid of the process the next completed upgrade started (the
+    /// first not yet read): waits for its whole log line, since the log is
+    /// read from the process's stderr by another thread and may lag its
+    /// exit.
+    async fn upgraded_pid(&mut self) -> u32 {
+        const NEEDLE: &str = "new_pid=";
+        let nth = self.started.len();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            let pid = log
+                .match_indices(NEEDLE)
+                .nth(nth)
+                .map(|(at, _)| &log[at + NEEDLE.len()..])
+                .filter(|rest| rest.contains('\n'))
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok());
+            if let Some(pid) = pid {
+                self.started.push(pid);
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no completed upgrade (#{}) in the log:\n{log}",
+                nth + 1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -385,7 +401,7 @@ async fn sigusr2_upgrade_under_keep_alive_load_fails_no_request() {
     old.signal("USR2");
     let status = old.exited().await;
     assert!(status.success(), "old process: {status}\n{}", old.log());
-    let new_pid = old.upgraded_pid();
+    let new_pid = old.upgraded_pid().await;
     assert_ne!(new_pid, old.pid());
     assert!(alive(new_pid), "the new process runs");
 
@@ -627,7 +643,7 @@ async fn sd_notify_ready_reloading_mainpid_after_upgrade_and_stopping() {
     let handover = next_notification(&sock).await;
     let status = old.exited().await;
     assert!(status.success(), "{status}\n{}", old.log());
-    let new_pid = old.upgraded_pid();
+    let new_pid = old.upgraded_pid().await;
     assert_eq!(handover, format!("MAINPID={new_pid}\nREADY=1"));
     assert!(alive(new_pid));
 
