@@ -114,33 +114,22 @@ impl Portico {
     }
 
     /// The pid of the process the next completed upgrade started (the
-    /// first not yet read): waits for its whole log line, since the log is
-    /// read from the process's stderr by another thread and may lag its
-    /// exit.
+    /// first not yet read). Waits for its log line: the log is read from
+    /// the process's stderr by another thread (a whole line at a time) and
+    /// may lag its exit.
     async fn upgraded_pid(&mut self) -> u32 {
         const NEEDLE: &str = "new_pid=";
         let nth = self.started.len();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let log = self.log();
-            let pid = log
-                .match_indices(NEEDLE)
-                .nth(nth)
-                .map(|(at, _)| &log[at + NEEDLE.len()..])
-                .filter(|rest| rest.contains('\n'))
-                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse().ok());
-            if let Some(pid) = pid {
-                self.started.push(pid);
-                return pid;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no completed upgrade (#{}) in the log:\n{log}",
-                nth + 1
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_log(NEEDLE, nth + 1).await;
+        let log = self.log();
+        let (at, _) = log.match_indices(NEEDLE).nth(nth).unwrap();
+        let pid = log[at + NEEDLE.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no pid after `{NEEDLE}` (#{}):\n{log}", nth + 1));
+        self.started.push(pid);
+        pid
     }
 }
 
