@@ -22,7 +22,10 @@ use tokio::sync::mpsc;
 pub(crate) async fn run(mut rx: mpsc::Receiver<Msg>, spec: Arc<TracingSpec>) {
     let mut batch: Vec<SpanRecord> = Vec::new();
     let mut client = Client::default();
-    let mut tick = tokio::time::interval(spec.interval);
+    // The first tick one interval from now (`interval`'s first is
+    // immediate, and would export whatever arrived before it early).
+    let first = tokio::time::Instant::now() + spec.interval;
+    let mut tick = tokio::time::interval_at(first, spec.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
